@@ -1,0 +1,122 @@
+"""What every model family's adapter does, and the rewriting steps the families share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import timm
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers import Mlp
+from torch import nn
+
+from ..factory import QuantizerFactory
+from ..modules import QAttention, QConv2d, QLayerNorm, QLinear, QuantModule, UnsupportedModelError
+
+
+# Plain LayerNorms (timm's subclass computes the same F.layer_norm).
+_LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
+
+
+class ModelAdapter(ABC):
+    """Rewrites one model family into its fully quantized twin, and rebuilds its FP skeleton."""
+
+    family: str
+
+    @abstractmethod
+    def matches(self, model: nn.Module) -> bool: ...
+
+    @abstractmethod
+    def rewrite(self, model: nn.Module, factory: QuantizerFactory) -> nn.Module: ...
+
+    @abstractmethod
+    def architecture(self, model: nn.Module) -> dict:
+        """JSON description from which ``build`` makes the same FP model (random weights)."""
+
+    def build(self, arch: dict) -> nn.Module:
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arch["kwargs"].items()}
+        return timm.create_model(arch["name"], pretrained=False, **kwargs)
+
+
+def timm_architecture_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} was not made by timm.create_model, so its architecture "
+            "name is unknown; create it with timm.create_model")
+    return name
+
+
+def qlinear(linear: nn.Module, factory: QuantizerFactory, input_kind: str) -> QLinear:
+    if type(linear) is not nn.Linear:
+        raise UnsupportedModelError(f"no quantized twin for {type(linear).__name__}")
+    return QLinear(linear, factory.activation(input_kind), factory.weight(linear.out_features))
+
+
+def _replace_children(model: nn.Module, fn) -> None:
+    """Replace each child for which ``fn`` returns a module, depth first, never descending
+    into modules that are already quantized."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, QuantModule):
+            continue
+        new = fn(child)
+        if new is not None:
+            setattr(model, name, new)
+        else:
+            _replace_children(child, fn)
+
+
+def rewrite_transformer(model: nn.Module, factory: QuantizerFactory,
+                        attention: dict[type, type[QAttention]]) -> nn.Module:
+    """Shared by the timm families: attention, MLPs, then every remaining Linear, LayerNorm and
+    Conv2d. Whatever is left that computes on activations is an error, not a silent FP island."""
+
+    def attn_or_mlp(m: nn.Module) -> nn.Module | None:
+        if type(m) in attention:
+            for part in ("q_norm", "k_norm", "norm"):
+                if not isinstance(getattr(m, part, nn.Identity()), nn.Identity):
+                    raise UnsupportedModelError(f"{type(m).__name__} with {part} is not supported")
+            if getattr(m, "gate", None) is not None:
+                raise UnsupportedModelError(f"gated {type(m).__name__} is not supported")
+            return attention[type(m)](
+                m, qlinear(m.qkv, factory, "linear_input"),
+                qlinear(m.proj, factory, "linear_input"),
+                factory.activation("qk"), factory.activation("qk"),
+                factory.activation("value"), factory.activation("post_softmax"))
+        if type(m) is Mlp:
+            if not isinstance(m.act, nn.GELU) or not isinstance(m.norm, nn.Identity):
+                raise UnsupportedModelError(
+                    f"Mlp with {type(m.act).__name__} activation / {type(m.norm).__name__} norm")
+            m.fc1 = qlinear(m.fc1, factory, "linear_input")
+            m.fc2 = qlinear(m.fc2, factory, "post_gelu")
+            return m
+        return None
+
+    def plain(m: nn.Module) -> nn.Module | None:
+        if type(m) is nn.Linear:
+            return qlinear(m, factory, "linear_input")
+        if type(m) in _LAYER_NORMS:
+            if len(m.normalized_shape) != 1:
+                raise UnsupportedModelError("LayerNorm over more than the last axis")
+            return QLayerNorm(m, factory.activation("ln_input", m.normalized_shape[0]))
+        if type(m) is nn.Conv2d:
+            return QConv2d(m, factory.activation("image"), factory.weight(m.out_channels))
+        return None
+
+    _replace_children(model, attn_or_mlp)
+    _replace_children(model, plain)
+    check_fully_rewritten(model)
+    return model
+
+
+_FLOAT_COMPUTE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm,
+                  nn.BatchNorm1d, nn.BatchNorm2d, nn.MultiheadAttention)
+
+
+def check_fully_rewritten(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            continue
+        if isinstance(m, _FLOAT_COMPUTE) or "Attention" in type(m).__name__:
+            raise UnsupportedModelError(
+                f"layer {name!r} ({type(m).__name__}) has no quantized twin in this adapter")

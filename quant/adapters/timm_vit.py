@@ -1,0 +1,47 @@
+"""timm VisionTransformer family: vit_*, deit_* (distilled included), any image and patch size."""
+
+from __future__ import annotations
+
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from torch import nn
+
+from ..calibrate import attach_param_quantizers
+from ..factory import QuantizerFactory
+from ..modules import QAttention, UnsupportedModelError
+from .base import ModelAdapter, rewrite_transformer, timm_architecture_name
+
+
+class TimmViTAdapter(ModelAdapter):
+    family = "timm_vit"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def rewrite(self, model: nn.Module, factory: QuantizerFactory) -> nn.Module:
+        for blk in model.blocks:
+            if type(blk) not in (Block, ResPostBlock):
+                raise UnsupportedModelError(f"ViT block {type(blk).__name__} is not supported")
+        if getattr(model, "attn_pool", None) is not None:
+            raise UnsupportedModelError("attention-pool (MAP) heads are not supported")
+        model = rewrite_transformer(model, factory, {Attention: QAttention})
+        tokens = [n for n in ("pos_embed", "cls_token", "dist_token", "reg_token")
+                  if isinstance(getattr(model, n, None), nn.Parameter)]
+        attach_param_quantizers(model, tokens, factory)
+        return model
+
+    def architecture(self, model: nn.Module) -> dict:
+        blk = model.blocks[0]
+        pe = model.patch_embed
+        return {"family": self.family, "name": timm_architecture_name(model), "kwargs": {
+            "img_size": list(pe.img_size), "patch_size": list(pe.patch_size),
+            "in_chans": pe.proj.in_channels, "num_classes": model.num_classes,
+            "embed_dim": model.embed_dim, "depth": len(model.blocks),
+            "num_heads": blk.attn.num_heads,
+            "mlp_ratio": blk.mlp.fc1.out_features / model.embed_dim,
+            "qkv_bias": blk.attn.qkv.bias is not None,
+            "class_token": model.cls_token is not None, "global_pool": model.global_pool,
+            "no_embed_class": model.no_embed_class, "reg_tokens": model.num_reg_tokens,
+            "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+            "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        }}

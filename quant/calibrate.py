@@ -1,0 +1,92 @@
+"""Calibration: one statistics pass over the calibration images, then every quantizer's search."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import QuantConfig
+from .modules import Capture, QuantModule
+
+Progress = Callable[[int, int, str], None]
+
+
+def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+
+
+def collect_statistics(model: nn.Module, images: Tensor, config: QuantConfig) -> None:
+    """Run the FP twin once, keeping what each module needs to score candidates. Under the
+    Hessian-guided metric, also back-propagate the pseudo-label cross-entropy for the gradients."""
+    capture = Capture(rows=config.search_rows, grads=config.metric == "hessian",
+                      generator=torch.Generator().manual_seed(config.seed))
+    modules = quant_modules(model)
+    for _, m in modules:
+        m.capture = capture
+    try:
+        if capture.grads:
+            with torch.enable_grad():
+                images = images.detach().clone().requires_grad_(True)
+                logits = model(images)
+                F.cross_entropy(logits, logits.detach().argmax(-1)).backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(images)
+    finally:
+        for _, m in modules:
+            m.capture = None
+
+
+def calibrate_modules(model: nn.Module, config: QuantConfig,
+                      progress: Progress | None = None) -> None:
+    modules = quant_modules(model)
+    for i, (name, m) in enumerate(modules):
+        m.calibrate(config)
+        if progress is not None:
+            progress(i + 1, len(modules), name)
+
+
+PARAM_QUANTIZERS = "tsptq_params"
+
+
+def attach_param_quantizers(model: nn.Module, names: list[str], factory) -> None:
+    """Quantizers for plain parameters that feed activations (position embeddings, class
+    tokens); they live on the model so their state travels with its state dict."""
+    qs = {}
+    for name in names:
+        p = model.get_parameter(name)
+        qs[name.replace(".", "__")] = factory.embedding(p.shape[-1])
+    model.add_module(PARAM_QUANTIZERS, nn.ModuleDict(qs))
+
+
+def param_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    qs = getattr(model, PARAM_QUANTIZERS, None)
+    return {} if qs is None else {k.replace("__", "."): q for k, q in qs.items()}
+
+
+@torch.no_grad()
+def calibrate_parameters(model: nn.Module, config: QuantConfig) -> None:
+    """Quantize those parameters in place: the model then computes with their integer values."""
+    for name, q in param_quantizers(model).items():
+        if not q.enabled:
+            continue
+        p = model.get_parameter(name)
+        dims = list(range(p.dim() - 1))
+        q.calibrate(p.detach(), None, config.search_points,
+                    channel_loss=lambda pq, p=p, dims=dims: ((pq - p) ** 2).sum(dims))
+        p.copy_(q.fake_quant(p))
+
+
+def release_statistics(model: nn.Module) -> None:
+    for _, m in quant_modules(model):
+        m.release()
+
+
+def tensor_digest(t: Tensor) -> str:
+    """sha256 of a tensor's bytes: names the calibration data in a checkpoint's recipe."""
+    return hashlib.sha256(t.detach().cpu().contiguous().float().numpy().tobytes()).hexdigest()

@@ -1,0 +1,105 @@
+"""The one typed object that says how a model is quantized."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+METHODS = ("tsptq", "uniform", "twin", "ptf")
+SETTINGS = ("full", "partial")
+METRICS = ("mse", "cosine", "hessian")
+OUTLIER_RULES = ("threshold", "sorted_split")
+
+# Every kind of quantized tensor, each switchable alone for ablations.
+KINDS = (
+    "weight",        # Linear / Conv2d weights, per output channel, symmetric
+    "linear_input",  # inputs of qkv, proj, fc1 and head (post-LayerNorm activations and more)
+    "image",         # the patch-embedding convolution's input
+    "qk",            # both operands of Q·Kᵀ
+    "value",         # the V operand of A·V
+    "post_softmax",  # the A operand of A·V
+    "post_gelu",     # the input of fc2
+    "ln_input",      # the input of every LayerNorm (the residual stream)
+    "embedding",     # position embeddings and class tokens (8-bit, per channel)
+)
+# The "partial" setting of PTQ4ViT and RepQ-ViT keeps LayerNorm (and its input) in floating point.
+PARTIAL_OFF = frozenset({"ln_input"})
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize. ``method`` picks the quantizer family of the three special tensors:
+
+    ============  ===============  ==============  ====================
+    method        post-Softmax     post-GELU       LayerNorm input
+    ============  ===============  ==============  ====================
+    ``tsptq``     V-2SF            V-2SF           O-2SF
+    ``twin``      twin uniform     twin (by sign)  uniform (per tensor)
+    ``ptf``       log2             uniform         PTF (α ∈ {0..3})
+    ``uniform``   uniform          uniform         uniform (per tensor)
+    ============  ===============  ==============  ====================
+
+    Everything else (weights per output channel, every other activation per tensor) is uniform
+    for all methods, so a comparison isolates what each method does differently.
+    """
+
+    method: str = "tsptq"
+    w_bits: int = 8
+    a_bits: int = 8
+    setting: str = "full"
+    metric: str = "mse"
+    calib_size: int = 32
+    seed: int = 0
+    # Candidates per scale search (METHOD.md section 3 suggests 100; 50 loses nothing measurable).
+    search_points: int = 50
+    # Rows (tokens) of each captured activation used to score candidates.
+    search_rows: int = 2048
+    outlier_rule: str = "threshold"
+    # Kinds switched off on top of what the setting switches off (ablations).
+    disabled: frozenset[str] = field(default_factory=frozenset)
+    # Bits of the image input: pixels are 8-bit data already, as in FQ-ViT and RepQ-ViT.
+    image_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.outlier_rule not in OUTLIER_RULES:
+            raise ValueError(f"outlier_rule must be one of {OUTLIER_RULES}")
+        for name in ("w_bits", "a_bits", "image_bits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
+                raise ValueError(f"{name} must be an integer in [2, 16], got {v!r}")
+        if self.a_bits < 3 and self.method in ("tsptq", "twin"):
+            raise ValueError("two-scale quantizers need a_bits >= 3")
+        for name in ("calib_size", "search_points", "search_rows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        object.__setattr__(self, "disabled", frozenset(self.disabled))
+        unknown = set(self.disabled) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown tensor kinds {sorted(unknown)}; known: {KINDS}")
+
+    def enabled(self, kind: str) -> bool:
+        if kind in self.disabled:
+            return False
+        return not (self.setting == "partial" and kind in PARTIAL_OFF)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["disabled"] = sorted(self.disabled)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}")
+        d = dict(d)
+        if "disabled" in d:
+            d["disabled"] = frozenset(d["disabled"])
+        return cls(**d)

@@ -1,0 +1,281 @@
+"""Quantized twins of the layers a vision transformer is made of.
+
+Each module owns its quantizers and knows what consumes each quantized tensor, so it can score
+calibration candidates on the consumer's output. Statistics are captured once, in one FP forward
+pass (``Capture``), kept on the module, and reused by every later (re)calibration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import QuantConfig
+from .metrics import channel_output_loss, output_loss
+from .quantizers import ChannelPow2Quantizer, Quantizer, UniformQuantizer
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its layers) has no quantized twin."""
+
+
+@dataclass
+class Capture:
+    """What to keep of the activations during the statistics pass."""
+
+    rows: int = 2048
+    elements: int = 1 << 21  # per attention tensor
+    grads: bool = False
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+
+def sample_rows(x2: Tensor, rows: int, gen: torch.Generator) -> Tensor:
+    """Random rows plus the rows that hold each channel's min and max, so that a sampled tensor
+    still shows the full range of every channel (outlier channels live in few tokens)."""
+    n = x2.shape[0]
+    if n <= rows:
+        return torch.arange(n, device=x2.device)
+    extreme = torch.cat([x2.argmax(0), x2.argmin(0)]).unique()
+    rand = torch.randperm(n, generator=gen)[:rows].to(x2.device)
+    return torch.cat([rand, extreme]).unique()
+
+
+class QuantModule(nn.Module):
+    """Base of every quantized layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capture: Capture | None = None
+        self.stats: dict[str, Tensor] = {}
+
+    def local_quantizers(self) -> dict[str, Quantizer]:
+        """This module's own quantizers (not its children's), by attribute name."""
+        return {n: m for n, m in self.named_children() if isinstance(m, Quantizer)}
+
+    def calibrate(self, config: QuantConfig) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        self.stats = {}
+
+    def _grad_hook(self, out: Tensor, key: str, index) -> None:
+        if self.capture is None or not self.capture.grads or not out.requires_grad:
+            return
+
+        def hook(g: Tensor) -> None:
+            self.stats[key] = index(g.detach())
+
+        out.register_hook(hook)
+
+
+def _enabled(q: Quantizer) -> bool:
+    return q.enabled
+
+
+class QLinear(QuantModule):
+    """Linear with a per-output-channel symmetric weight quantizer and an input quantizer."""
+
+    def __init__(self, linear: nn.Linear, input_q: Quantizer, weight_q: UniformQuantizer) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.input_q = input_q
+        self.weight_q = weight_q
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.capture is not None:
+            x2 = x.detach().reshape(-1, self.in_features)
+            idx = sample_rows(x2, self.capture.rows, self.capture.generator)
+            self.stats["x"] = x2[idx]
+        out = F.linear(self.input_q(x), self.weight_q(self.weight), self.bias)
+        if self.capture is not None:
+            self._grad_hook(out, "g", lambda g: g.reshape(-1, self.out_features)[idx])
+        return out
+
+    def calibrate(self, config: QuantConfig) -> None:
+        x, g = self.stats["x"], self.stats.get("g")
+        w = self.weight.detach()
+        b = None if self.bias is None else self.bias.detach()
+        if _enabled(self.weight_q):
+            xw = x[: min(len(x), 512)]
+            gw = None if g is None else g[: len(xw)]
+            self.weight_q.calibrate(w, None, config.search_points, channel_loss=channel_output_loss(
+                config.metric, lambda wq: F.linear(xw, wq - w), gw))
+        w_hat = self.weight_q(w)
+        if _enabled(self.input_q):
+            target = F.linear(x, w, b)
+            self.input_q.calibrate(x, output_loss(
+                config.metric, lambda xq: F.linear(xq, w_hat, b), target, g), config.search_points)
+
+
+class QConv2d(QuantModule):
+    """The patch-embedding convolution: quantized weights and quantized image input."""
+
+    def __init__(self, conv: nn.Conv2d, input_q: Quantizer, weight_q: UniformQuantizer) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise UnsupportedModelError("only plain (groups=1, zero-padded) convolutions")
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.input_q = input_q
+        self.weight_q = weight_q
+
+    def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.capture is not None:
+            n = max(1, min(len(x), self.capture.elements // max(1, x[0].numel())))
+            self.stats["x"] = x.detach()[:n]
+        out = self._conv(self.input_q(x), self.weight_q(self.weight), self.bias)
+        if self.capture is not None:
+            self._grad_hook(out, "g", lambda g: g[:n])
+        return out
+
+    def calibrate(self, config: QuantConfig) -> None:
+        x, g = self.stats["x"], self.stats.get("g")
+        w = self.weight.detach()
+        b = None if self.bias is None else self.bias.detach()
+        if _enabled(self.weight_q):
+            self.weight_q.calibrate(w, None, config.search_points, channel_loss=channel_output_loss(
+                config.metric, lambda wq: self._conv(x, wq - w, None), g))
+        w_hat = self.weight_q(w)
+        if _enabled(self.input_q):
+            target = self._conv(x, w, b)
+            loss = output_loss(config.metric, lambda xq: self._conv(xq, w_hat, b), target, g)
+            self.input_q.calibrate(x, loss, config.search_points)
+
+
+class QLayerNorm(QuantModule):
+    """LayerNorm whose input (the residual stream) is quantized: O-2SF under TSPTQ."""
+
+    def __init__(self, norm: nn.LayerNorm, input_q: Quantizer) -> None:
+        super().__init__()
+        self.normalized_shape = norm.normalized_shape
+        self.eps = norm.eps
+        self.weight = norm.weight
+        self.bias = norm.bias
+        self.input_q = input_q
+
+    def _norm(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.capture is not None:
+            c = x.shape[-1]
+            x2 = x.detach().reshape(-1, c)
+            idx = sample_rows(x2, self.capture.rows, self.capture.generator)
+            self.stats.update(x=x2[idx], lo=x2.amin(0), hi=x2.amax(0))
+        out = self._norm(self.input_q(x))
+        if self.capture is not None:
+            self._grad_hook(out, "g", lambda g: g.reshape(-1, c)[idx])
+        return out
+
+    def calibrate(self, config: QuantConfig) -> None:
+        if not _enabled(self.input_q):
+            return
+        x, g = self.stats["x"], self.stats.get("g")
+        with torch.no_grad():
+            w = None if self.weight is None else self.weight.detach()
+            b = None if self.bias is None else self.bias.detach()
+
+            def consumer(xq: Tensor) -> Tensor:
+                return F.layer_norm(xq, self.normalized_shape, w, b, self.eps)
+
+            loss = output_loss(config.metric, consumer, consumer(x), g)
+            if isinstance(self.input_q, ChannelPow2Quantizer):
+                self.input_q.calibrate(x, loss, config.search_points,
+                                       lo=self.stats["lo"], hi=self.stats["hi"])
+            else:
+                self.input_q.calibrate(x, loss, config.search_points)
+
+
+class QAttention(QuantModule):
+    """Multi-head self-attention with both matmuls quantized (timm ``Attention``).
+
+    Softmax consumes the int32 accumulator of Q·Kᵀ (I-BERT style), so it needs no quantizer of
+    its own; its output, the A operand of A·V, is quantized (V-2SF under TSPTQ).
+    """
+
+    def __init__(self, attn: nn.Module, qkv: QLinear, proj: QLinear,
+                 q_q: Quantizer, k_q: Quantizer, v_q: Quantizer, a_q: Quantizer) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.qkv, self.proj = qkv, proj
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.q_q, self.k_q, self.v_q, self.a_q = q_q, k_q, v_q, a_q
+
+    def _logit_bias(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        if mask is None:
+            return logits
+        if mask.dtype == torch.bool:
+            return logits.masked_fill(~mask, float("-inf"))
+        return logits + mask
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        if is_causal:
+            raise UnsupportedModelError("causal attention is not supported")
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = q * self.scale
+        logits = self.q_q(q) @ self.k_q(k).transpose(-2, -1)
+        logits = self._logit_bias(logits, attn_mask if attn_mask is not None else mask)
+        a = self.attn_drop(logits.softmax(dim=-1))
+        out = self.a_q(a) @ self.v_q(v)
+        if self.capture is not None:
+            m = max(1, min(b, self.capture.elements // max(1, a[0].numel())))
+            self.stats.update(q=q.detach()[:m], k=k.detach()[:m], v=v.detach()[:m],
+                              a=a.detach()[:m])
+            self._grad_hook(logits, "g_logits", lambda g: g[:m])
+            self._grad_hook(out, "g_out", lambda g: g[:m])
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return self.proj_drop(self.proj(out))
+
+    def calibrate(self, config: QuantConfig) -> None:
+        s = self.stats
+        q, k, v, a = s["q"], s["k"], s["v"], s["a"]
+        metric, pts = config.metric, config.search_points
+        with torch.no_grad():
+            logits, out = q @ k.transpose(-2, -1), a @ v
+            if _enabled(self.q_q):
+                self.q_q.calibrate(q, output_loss(
+                    metric, lambda t: t @ k.transpose(-2, -1), logits, s.get("g_logits")), pts)
+            if _enabled(self.k_q):
+                self.k_q.calibrate(k, output_loss(
+                    metric, lambda t: q @ t.transpose(-2, -1), logits, s.get("g_logits")), pts)
+            if _enabled(self.a_q):
+                self.a_q.calibrate(a, output_loss(metric, lambda t: t @ v, out, s.get("g_out")),
+                                   pts)
+            if _enabled(self.v_q):
+                self.v_q.calibrate(v, output_loss(metric, lambda t: a @ t, out, s.get("g_out")),
+                                   pts)
+
+
+class QWindowAttention(QAttention):
+    """Swin's window attention: adds the relative position bias and the shift mask to Q·Kᵀ
+    (both in the int32 accumulator domain, before Softmax)."""
+
+    def __init__(self, attn: nn.Module, *args) -> None:
+        super().__init__(attn, *args)
+        self.window_area = attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index,
+                             persistent=False)
+
+    def _logit_bias(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1)
+        logits = logits + bias.unsqueeze(0)
+        if mask is not None:
+            nw, n = mask.shape[0], logits.shape[-1]
+            logits = logits.view(-1, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            logits = logits.view(-1, self.num_heads, n, n)
+        return logits

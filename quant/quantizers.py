@@ -1,0 +1,461 @@
+"""Quantizers: uniform, V-2SF (and PTQ4ViT's twin uniform), per-channel power-of-two (O-2SF and
+FQ-ViT's PTF) and log2 (FQ-ViT's softmax).
+
+Every quantizer maps a float tensor to unsigned *codes* in [0, 2^b - 1] (what a checkpoint or an
+accelerator stores), codes to a signed *integer operand* (what the next integer matmul consumes)
+and carries a *step* such that the dequantized value is exactly ``integer * step``. ``forward``
+is computed through that same path, so the float model and its integer rebuild agree bit for bit.
+
+Calibration (choosing the parameters) lives beside each quantizer in ``calibrate``, because the
+candidate set is specific to each scheme; the error metric comes from the caller
+(``quant.metrics``), which knows the consumer of the quantized tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+# Error of a candidate dequantized tensor, measured on the consuming layer's output.
+LossFn = Callable[[Tensor], Tensor]
+# Per-channel variant (weights): returns one error per output channel.
+ChannelLossFn = Callable[[Tensor], Tensor]
+
+# GELU(x) >= -0.1700 for every x (its minimum, at x = -0.7518).
+GELU_MIN = -0.17
+
+
+def _grid(points: int, low: float = 0.05, high: float = 1.2) -> list[float]:
+    """Fractions of the min-max scale to try (METHOD.md section 3 suggests [0.01, 1.2]·Δmax; below
+    0.05 nothing ever wins at 4 bits or more, so we spend the points where they matter)."""
+    if points <= 1:
+        return [1.0]
+    return [low + (high - low) * i / (points - 1) for i in range(points)]
+
+
+def _fp16_exact(t: Tensor) -> Tensor:
+    """Round scales to float16 precision so a checkpoint stores them losslessly in 2 bytes."""
+    return t.to(torch.float16).to(torch.float32).clamp_min(torch.finfo(torch.float16).tiny)
+
+
+class Quantizer(nn.Module):
+    """Base class. Subclasses implement ``codes``, ``integer`` and ``step``."""
+
+    scheme: str = "base"
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if not 2 <= int(bits) <= 16:
+            raise ValueError(f"bits must be in [2, 16], got {bits}")
+        self.bits = int(bits)
+        self.enabled = True
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        # Optional SQNR probe: accumulated signal and noise power over forward passes.
+        self.probe: dict[str, float] | None = None
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    def codes(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def integer(self, codes: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, x: Tensor) -> Tensor:
+        """The scale(s) of the integer operand, broadcastable to ``x``."""
+        raise NotImplementedError
+
+    def dequantize(self, codes: Tensor, like: Tensor) -> Tensor:
+        return self.integer(codes).to(like.dtype) * self.step(like)
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        return self.dequantize(self.codes(x), x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled or not bool(self.calibrated):
+            return x
+        y = self.fake_quant(x)
+        if self.probe is not None:
+            xd = x.detach().double()
+            self.probe["signal"] += float((xd * xd).sum())
+            self.probe["noise"] += float(((xd - y.detach().double()) ** 2).sum())
+        return y
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}, bits={self.bits}"
+
+    def describe(self) -> dict:
+        """Plain-JSON summary of the chosen parameters, for reports."""
+        return {"scheme": self.scheme, "bits": self.bits}
+
+
+def _bcast(t: Tensor, x: Tensor, axis: int | None) -> Tensor:
+    if axis is None or t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+class UniformQuantizer(Quantizer):
+    """x̂ = s·(clip(round(x/s) + z, 0, 2^b−1) − z), per tensor or per channel along ``axis``.
+
+    Symmetric quantizers fix z = 2^(b−1) (a signed integer operand); asymmetric ones choose z.
+    """
+
+    scheme = "uniform"
+
+    def __init__(self, bits: int, symmetric: bool = False, axis: int | None = None,
+                 channels: int = 1) -> None:
+        super().__init__(bits)
+        self.symmetric = symmetric
+        self.axis = axis
+        n = channels if axis is not None else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.full((n,), self._sym_zero(), dtype=torch.int32)
+                             if symmetric else torch.zeros(n, dtype=torch.int32))
+
+    def _sym_zero(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def codes(self, x: Tensor) -> Tensor:
+        s = _bcast(self.scale, x, self.axis)
+        z = _bcast(self.zero_point, x, self.axis)
+        return (torch.round(x / s) + z).clamp_(0, self.levels - 1).to(torch.int32)
+
+    def integer(self, codes: Tensor) -> Tensor:
+        return codes - _bcast(self.zero_point, codes, self.axis)
+
+    def step(self, x: Tensor) -> Tensor:
+        return _bcast(self.scale, x, self.axis)
+
+    def set_from_range(self, lo: Tensor, hi: Tensor, alpha: float | Tensor = 1.0) -> None:
+        """Scale and zero point covering [lo, hi] shrunk by ``alpha`` (per channel when vectors)."""
+        lo = torch.minimum(lo.float(), torch.zeros_like(lo.float()))
+        hi = torch.maximum(hi.float(), torch.zeros_like(hi.float()))
+        if self.symmetric:
+            amax = torch.maximum(-lo, hi) * alpha
+            scale = amax / ((self.levels >> 1) - 0.5)
+            zp = torch.full_like(scale, self._sym_zero(), dtype=torch.int32)
+        else:
+            scale = _fp16_exact((hi - lo) * alpha / (self.levels - 1))
+            zp = torch.round(-lo * alpha / scale).clamp(0, self.levels - 1).to(torch.int32)
+        self.scale = _fp16_exact(scale).reshape(self.scale.shape).to(self.scale.device)
+        self.zero_point = zp.reshape(self.zero_point.shape).to(self.zero_point.device)
+        self.calibrated.fill_(True)
+
+    def calibrate(self, x: Tensor, loss: LossFn, points: int = 50,
+                  channel_loss: ChannelLossFn | None = None) -> None:
+        """Grid search of the clipping range around min-max under ``loss``.
+
+        Per-channel quantizers (weights) search every channel at once under ``channel_loss``,
+        which must return one error per channel (the metric is separable over output channels).
+        """
+        if self.axis is not None:
+            dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
+            lo = x.amin(dim=dims)
+            hi = x.amax(dim=dims)
+            best_err = torch.full_like(lo, float("inf"))
+            best_alpha = torch.ones_like(lo)
+            assert channel_loss is not None, "per-channel calibration needs a channel loss"
+            for a in _grid(points, 0.3):
+                self.set_from_range(lo, hi, a)
+                err = channel_loss(self.fake_quant(x))
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_alpha = torch.where(better, torch.full_like(best_alpha, a), best_alpha)
+            self.set_from_range(lo, hi, best_alpha)
+            return
+        lo, hi = x.min(), x.max()
+        best = (float("inf"), 1.0)
+        for a in _grid(points):
+            self.set_from_range(lo, hi, a)
+            err = float(loss(self.fake_quant(x)))
+            if err < best[0]:
+                best = (err, a)
+        self.set_from_range(lo, hi, best[1])
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.scale.numel() == 1:
+            d.update(scale=float(self.scale), zero_point=int(self.zero_point))
+        else:
+            d.update(granularity="channel", channels=self.scale.numel())
+        return d
+
+
+class TwoScaleValueQuantizer(Quantizer):
+    """V-2SF: a b-bit code is a region flag and a (b−1)-bit payload p (METHOD.md section 1).
+
+    Fine region (flag 0): integer operand ``p − z``; coarse region (flag 1): ``p << m``; one scale
+    s for both, so the coarse step is S = 2^m·s and the next matmul needs only a shift. The region
+    is chosen with a mask, never by adding two clamped branches.
+
+    ``region_rule`` picks how values are split between the regions:
+    * ``"value"`` (TSPTQ-ViT): by magnitude. Small values (including GELU's negative tail, through
+      the fine zero point z) take the fine grid; values beyond it take the coarse grid.
+    * ``"sign"`` (PTQ4ViT's twin uniform for post-GELU): negatives take the fine grid, every
+      non-negative value the coarse grid.
+    """
+
+    scheme = "v2sf"
+
+    def __init__(self, bits: int, region_rule: str = "value", signed: bool = False) -> None:
+        super().__init__(bits)
+        if region_rule not in ("value", "sign"):
+            raise ValueError(f"unknown region rule {region_rule!r}")
+        if bits < 3:
+            raise ValueError("a two-scale quantizer needs at least 3 bits")
+        self.region_rule = region_rule
+        self.signed = signed  # True for post-GELU (a negative tail), False for post-Softmax
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("shift", torch.zeros((), dtype=torch.int32))  # m
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))  # z, fine region
+
+    @property
+    def payload_max(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def _threshold(self) -> Tensor:
+        """Switch to the coarse grid halfway between the fine top and the next coarse point above
+        it, which keeps the quantizer monotone and its error within half a (coarse) step."""
+        s = self.scale
+        if self.region_rule == "sign":
+            return torch.zeros((), device=s.device)
+        fine_top = self.payload_max - int(self.zero_point)
+        coarse_next = ((fine_top >> int(self.shift)) + 1) << int(self.shift)
+        return s * (fine_top + coarse_next) / 2
+
+    def codes(self, x: Tensor) -> Tensor:
+        s, m, z = self.scale, int(self.shift), self.zero_point
+        flag = x >= self._threshold()
+        fine = (torch.round(x / s) + z).clamp_(0, self.payload_max)
+        coarse = torch.round(x / (s * (1 << m))).clamp_(0, self.payload_max)
+        p = torch.where(flag, coarse, fine).to(torch.int32)
+        return p + flag.to(torch.int32) * (1 << (self.bits - 1))
+
+    def integer(self, codes: Tensor) -> Tensor:
+        half = 1 << (self.bits - 1)
+        flag = codes >= half
+        p = codes - flag.to(torch.int32) * half
+        return torch.where(flag, p << int(self.shift), p - self.zero_point)
+
+    def step(self, x: Tensor) -> Tensor:
+        return self.scale
+
+    @property
+    def split_threshold(self) -> float:
+        """τ: where the fine grid saturates."""
+        return float(self.scale) * (self.payload_max - int(self.zero_point))
+
+    def set_params(self, scale: float, shift: int, zero_point: int = 0) -> None:
+        dev = self.scale.device
+        self.scale = _fp16_exact(torch.tensor(float(scale), device=dev))
+        self.shift = torch.tensor(int(shift), dtype=torch.int32, device=dev)
+        self.zero_point = torch.tensor(int(zero_point), dtype=torch.int32, device=dev)
+        self.calibrated.fill_(True)
+
+    def _zero_for(self, scale: float, x_min: float) -> int:
+        if not self.signed or x_min >= 0:
+            return 0
+        if self.region_rule == "sign":
+            # Fine grid holds only negatives: every fine code but 0 sits below zero.
+            return self.payload_max
+        # Negative codes of the fine grid: enough for the tail, at most half the fine codes.
+        return min(math.ceil(-x_min / scale - 1e-6), (self.payload_max + 1) // 2)
+
+    def calibrate(self, x: Tensor, loss: LossFn, points: int = 50, max_shift: int = 7) -> None:
+        x_min, x_max = float(x.min()), float(x.max())
+        best: tuple[float, tuple[float, int, int]] = (float("inf"), (1.0, 0, 0))
+        if not self.signed:
+            # post-Softmax (x in [0, 1]): the coarse grid reaches 1 exactly, search m only.
+            coarse = 1.0 / self.payload_max
+            candidates = [(coarse / (1 << m), m) for m in range(0, max_shift + 1)]
+        elif self.region_rule == "sign":
+            # PTQ4ViT twin uniform for GELU: fine grid fixed by the negative tail; search the
+            # coarse (positive) scale, constrained to 2^m times the fine one.
+            fine = max(-min(x_min, 0.0), 1e-6) / self.payload_max
+            candidates = []
+            for a in _grid(points):
+                want = a * x_max / self.payload_max
+                m = max(0, round(math.log2(max(want / fine, 1.0))))
+                candidates.append((fine, m))
+            candidates = sorted(set(candidates))
+        else:
+            # V-2SF for GELU: the coarse scale S sets the clipping range; m sets the split.
+            candidates = []
+            n = max(4, points // max_shift)
+            for a in _grid(n, 0.3):
+                big = a * x_max / self.payload_max
+                for m in range(1, max_shift + 1):
+                    candidates.append((big / (1 << m), m))
+        for scale, m in candidates:
+            self.set_params(scale, m, self._zero_for(scale, x_min))
+            err = float(loss(self.fake_quant(x)))
+            if err < best[0]:
+                best = (err, (scale, m, int(self.zero_point)))
+        self.set_params(*best[1])
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(scale=float(self.scale), shift=int(self.shift), zero_point=int(self.zero_point),
+                 split_threshold=self.split_threshold, region_rule=self.region_rule)
+        return d
+
+
+class ChannelPow2Quantizer(Quantizer):
+    """One scale s for the tensor, a power-of-two exponent e_c per channel (last axis):
+    x̂_c = s·2^(e_c)·(q − z_c). The integer operand is ``(q − z_c) << e_c`` under the single scale
+    s, so an integer LayerNorm aligns channels with a shift before it sums.
+
+    O-2SF and FQ-ViT's PTF are this quantizer; they differ only in how exponents are chosen:
+    * ``"o2sf"``: e_c ∈ {0, k}: one flag bit per channel marks outliers (TSPTQ-ViT).
+    * ``"ptf"``: e_c ∈ {0, 1, 2, 3}, each channel picking the exponent with the least error.
+
+    Departure from the paper: zero points are per channel. The residual stream's channels carry
+    offsets of their own; centring each channel costs one integer per channel (a constant the
+    integer LayerNorm subtracts) and lets a channel's *half range* rather than its absolute
+    maximum decide whether it is an outlier.
+    """
+
+    scheme = "pow2"
+
+    def __init__(self, bits: int, channels: int, rule: str = "o2sf",
+                 outlier_rule: str = "threshold") -> None:
+        super().__init__(bits)
+        if rule not in ("o2sf", "ptf"):
+            raise ValueError(f"unknown exponent rule {rule!r}")
+        if outlier_rule not in ("threshold", "sorted_split"):
+            raise ValueError(f"unknown outlier rule {outlier_rule!r}")
+        self.rule = rule
+        self.outlier_rule = outlier_rule
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("exponent", torch.zeros(channels, dtype=torch.int32))
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
+
+    def codes(self, x: Tensor) -> Tensor:
+        sc = self.scale * torch.pow(2.0, self.exponent.float())
+        return (torch.round(x / sc) + self.zero_point).clamp_(0, self.levels - 1).to(torch.int32)
+
+    def integer(self, codes: Tensor) -> Tensor:
+        return (codes - self.zero_point) << self.exponent
+
+    def step(self, x: Tensor) -> Tensor:
+        return self.scale
+
+    def set_params(self, scale: float | Tensor, exponent: Tensor, lo: Tensor, hi: Tensor) -> None:
+        self.scale = _fp16_exact(torch.as_tensor(scale, dtype=torch.float32,
+                                                 device=self.scale.device).reshape(()))
+        self.exponent = exponent.to(torch.int32).to(self.exponent.device)
+        sc = self.scale * torch.pow(2.0, self.exponent.float())
+        center = (hi + lo) / 2
+        zp = torch.round((self.levels - 1) / 2 - center / sc)
+        self.zero_point = zp.clamp(0, self.levels - 1).to(torch.int32)
+        self.calibrated.fill_(True)
+
+    @property
+    def outlier_channels(self) -> list[int]:
+        return torch.nonzero(self.exponent > 0).flatten().tolist()
+
+    def calibrate(self, x: Tensor, loss: LossFn, points: int = 50,
+                  lo: Tensor | None = None, hi: Tensor | None = None,
+                  thresholds: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0, 8.0, 16.0),
+                  max_exponent: int = 6) -> None:
+        """``lo``/``hi``: per-channel min and max over all calibration tokens (``x`` may be a
+        sample of the rows)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        lo = x2.amin(0) if lo is None else lo.to(x2)
+        hi = x2.amax(0) if hi is None else hi.to(x2)
+        half = ((hi - lo) / 2).clamp_min(1e-8)
+        if self.rule == "ptf":
+            self._calibrate_ptf(x2, lo, hi, half)
+            return
+        order = torch.argsort(half)
+        if self.outlier_rule == "threshold":
+            med = half.median()
+            masks = [half > t * med for t in thresholds]
+        else:  # every split of the sorted ranges (the top quarter at most are outliers)
+            c = half.numel()
+            masks = []
+            for n_out in range(1, max(2, c // 4) + 1):
+                m = torch.zeros_like(half, dtype=torch.bool)
+                m[order[c - n_out:]] = True
+                masks.append(m)
+        masks = [torch.zeros_like(half, dtype=torch.bool)] + masks
+        seen: set[bytes] = set()
+        best: tuple[float, tuple] = (float("inf"), ())
+        n_alpha = max(4, points // 5)
+        for mask in masks:
+            key = mask.cpu().numpy().tobytes()
+            if key in seen or bool(mask.all()):
+                continue
+            seen.add(key)
+            normal_max = float(half[~mask].max())
+            if mask.any():
+                ratio = float(half[mask].max()) / normal_max
+                ks = sorted({max(1, min(max_exponent, math.ceil(math.log2(ratio)) + d))
+                             for d in (-1, 0)})
+            else:
+                ks = [0]
+            for k in ks:
+                exp = mask.to(torch.int32) * k
+                for a in _grid(n_alpha, 0.4):
+                    s = a * 2 * normal_max / (self.levels - 1)
+                    self.set_params(s, exp, lo, hi)
+                    err = float(loss(self.fake_quant(x)))
+                    if err < best[0]:
+                        best = (err, (s, exp))
+        self.set_params(best[1][0], best[1][1], lo, hi)
+
+    def _calibrate_ptf(self, x2: Tensor, lo: Tensor, hi: Tensor, half: Tensor) -> None:
+        """FQ-ViT: base scale from the global min-max divided by 2^3; each channel takes the
+        exponent α ∈ {0..3} with the least quantization error of its own values."""
+        k_max = 3
+        s = float(2 * half.max()) / (self.levels - 1) / (1 << k_max)
+        errs = []
+        for a in range(k_max + 1):
+            self.set_params(s, torch.full_like(half, a, dtype=torch.int32), lo, hi)
+            errs.append(((self.fake_quant(x2) - x2) ** 2).sum(0))
+        exp = torch.stack(errs).argmin(0).to(torch.int32)
+        self.set_params(s, exp, lo, hi)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(scale=float(self.scale), rule=self.rule,
+                 exponents=sorted({int(e) for e in self.exponent.tolist()}),
+                 outlier_channels=self.outlier_channels)
+        return d
+
+
+class Log2Quantizer(Quantizer):
+    """FQ-ViT's log2 quantizer for post-Softmax values in [0, 1]: x̂ = 2^(−q), q ∈ [0, 2^b − 2];
+    the top code stands for 0. The integer operand of A·V is then a shift: ``1 << (Q − q)`` under
+    the step 2^(−Q), Q = 2^b − 2 (only the top few codes matter at ≥ 4 bits, so Q is capped)."""
+
+    scheme = "log2"
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits)
+        # Integer operand range limited to 30 bits so the shift fits int32; smaller values -> 0.
+        self.exp_max = min(self.levels - 2, 30)
+
+    def codes(self, x: Tensor) -> Tensor:
+        q = torch.round(-torch.log2(x.clamp_min(2.0 ** (-self.exp_max - 1))))
+        q = torch.where(q > self.exp_max, torch.full_like(q, self.levels - 1), q.clamp_min(0))
+        return q.to(torch.int32)
+
+    def integer(self, codes: Tensor) -> Tensor:
+        zero = codes >= self.levels - 1
+        shifted = torch.ones_like(codes) << (self.exp_max - codes.clamp_max(self.exp_max))
+        return torch.where(zero, torch.zeros_like(codes), shifted)
+
+    def step(self, x: Tensor) -> Tensor:
+        return torch.tensor(2.0 ** (-self.exp_max), dtype=x.dtype, device=x.device)
+
+    def calibrate(self, x: Tensor, loss: LossFn, points: int = 50) -> None:
+        self.calibrated.fill_(True)  # parameter-free
