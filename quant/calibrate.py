@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import QuantConfig
-from .modules import Capture, QuantModule
+from .modules import Capture, QConv2d, QLinear, QuantModule
+from .quantizers import UniformQuantizer
 
 Progress = Callable[[int, int, str], None]
 
@@ -80,6 +81,28 @@ def calibrate_parameters(model: nn.Module, config: QuantConfig) -> None:
         q.calibrate(p.detach(), None, config.search_points,
                     channel_loss=lambda pq, p=p, dims=dims: ((pq - p) ** 2).sum(dims))
         p.copy_(q.fake_quant(p))
+
+
+def integer_parameters(model: nn.Module) -> dict[str, tuple[str, UniformQuantizer]]:
+    """Parameters that the quantized model holds as integer codes:
+    parameter name -> (its quantizer's state-dict prefix, the quantizer)."""
+    out = {f"{n}.weight": (f"{n}.weight_q", m.weight_q) for n, m in model.named_modules()
+           if isinstance(m, QLinear | QConv2d)}
+    out.update({name: (f"{PARAM_QUANTIZERS}.{name.replace('.', '__')}", q)
+                for name, q in param_quantizers(model).items()})
+    return {k: v for k, v in out.items() if v[1].enabled}
+
+
+@torch.no_grad()
+def round_float_parameters(model: nn.Module) -> None:
+    """Round the parameters that stay in floating point (biases, LayerNorm affine, Swin's
+    relative position bias) to float16 precision, so checkpoints store them losslessly in half
+    the bytes. Their relative change is below 2^-11: nothing measurable, where the int8 weights
+    already carry ~2^-8."""
+    coded = integer_parameters(model)
+    for name, p in model.named_parameters():
+        if name not in coded and p.is_floating_point():
+            p.copy_(p.to(torch.float16).to(p.dtype))
 
 
 def release_statistics(model: nn.Module) -> None:

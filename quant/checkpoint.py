@@ -1,10 +1,11 @@
 """The quantized checkpoint: one safetensors file, never a pickle.
 
-Integer weights are stored as their codes (uint8; two 4-bit codes to a byte at 4 bits or less),
-scales as float16 (every scale is rounded to float16 precision at calibration, so this is
-lossless), everything else as it is; a JSON recipe and a sha256 digest of the tensors go in the
-metadata. Loading rebuilds the FP skeleton from the recipe, rewrites it with the same config and
-loads the tensors, so the reloaded model computes exactly what the calibrated one did.
+Integer weights are stored as their codes (uint8; two 4-bit codes to a byte at 4 bits or less);
+every float tensor that is exactly representable in float16 (all scales, biases and LayerNorm
+parameters, which calibration rounds to float16 precision) as float16; everything else as it is;
+a JSON recipe and a sha256 digest of the tensors go in the metadata. Loading rebuilds the FP
+skeleton from the recipe, rewrites it with the same config and loads the tensors, so the
+reloaded model computes exactly what the calibrated one did.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from .adapters import adapter_for_family
-from .calibrate import PARAM_QUANTIZERS, param_quantizers
+from .calibrate import integer_parameters
 from .config import QuantConfig
 from .factory import QuantizerFactory
 from .model import QuantizedModel
-from .modules import QConv2d, QLinear, UnsupportedModelError
-from .quantizers import UniformQuantizer
+from .modules import UnsupportedModelError
 
 FORMAT = "tsptq.v1"
 _CODES = ".codes"
@@ -48,22 +48,14 @@ def _unpack4(packed: Tensor, numel: int) -> Tensor:
     return out[:numel].to(torch.int32)
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, Tensor], recipe: str) -> str:
+    """sha256 over the recipe and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(recipe.encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _integer_params(model: nn.Module) -> dict[str, tuple[str, UniformQuantizer]]:
-    """Parameters stored as integer codes: parameter name -> (quantizer's prefix, quantizer)."""
-    out = {f"{n}.weight": (f"{n}.weight_q", m.weight_q) for n, m in model.named_modules()
-           if isinstance(m, QLinear | QConv2d)}
-    out.update({name: (f"{PARAM_QUANTIZERS}.{name.replace('.', '__')}", q)
-                for name, q in param_quantizers(model).items()})
-    return {k: v for k, v in out.items() if v[1].enabled}
 
 
 def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike,
@@ -73,7 +65,7 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike,
         raise TypeError("save_quantized takes the QuantizedModel that quantize() returned")
     state = {k: v.detach().cpu() for k, v in qmodel.model.state_dict().items()}
     shapes: dict[str, list[int]] = {}
-    for key, (_, q) in _integer_params(qmodel.model).items():
+    for key, (prefix, q) in integer_parameters(qmodel.model).items():
         w = state.pop(key)
         codes = q.codes(qmodel.model.get_parameter(key).detach()).cpu()
         bits = q.bits
@@ -84,9 +76,11 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike,
             state[key + _CODES] = codes.to(torch.uint8)
         else:
             state[key + _CODES] = codes.to(torch.int32)
+        if q.symmetric:  # fixed by the bit width: rebuilt, not stored
+            state.pop(f"{prefix}.zero_point")
     for k, v in list(state.items()):
-        if k.endswith("_q.scale") and v.dtype == torch.float32:
-            state[k] = v.to(torch.float16)
+        if v.dtype == torch.float32 and torch.equal(v.to(torch.float16).to(v.dtype), v):
+            state[k] = v.to(torch.float16)  # scales, biases, LayerNorm: float16-exact
     state = {k: v.contiguous() for k, v in state.items()}
     recipe = {
         "architecture": qmodel.architecture,
@@ -95,8 +89,8 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike,
         "metrics": metrics or {},
         "packed_shapes": shapes,
     }
-    meta = {"format": FORMAT, "recipe": json.dumps(recipe, sort_keys=True),
-            "digest": _digest(state)}
+    recipe_json = json.dumps(recipe, sort_keys=True)
+    meta = {"format": FORMAT, "recipe": recipe_json, "digest": _digest(state, recipe_json)}
     path = Path(path)
     save_file(state, str(path), metadata=meta)
     return path
@@ -121,7 +115,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tsptq checkpoint (metadata format is "
                               f"{meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("digest") != _digest(tensors):
+    if meta.get("digest") != _digest(tensors, meta.get("recipe", "")):
         raise CheckpointError(f"{path}: tensor digest mismatch: the file is corrupted")
     try:
         recipe = json.loads(meta["recipe"])
@@ -145,10 +139,12 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     expected = twin.state_dict()
     state: dict[str, Tensor] = {}
     for k, v in tensors.items():
-        if k.endswith("_q.scale") and v.dtype == torch.float16:
-            v = v.float()
+        if k in expected and v.dtype == torch.float16 and expected[k].dtype != torch.float16:
+            v = v.to(expected[k].dtype)
         state[k] = v
-    for key, (prefix, q) in _integer_params(twin).items():
+    for key, (prefix, q) in integer_parameters(twin).items():
+        if q.symmetric:
+            state[f"{prefix}.zero_point"] = expected[f"{prefix}.zero_point"]
         for buf in ("scale", "zero_point", "calibrated"):
             bkey = f"{prefix}.{buf}"
             if bkey not in state:
@@ -169,4 +165,4 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         twin.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: tensors do not match the recipe's model: {e}") from None
-    return qmodel.to(device)
+    return qmodel.to(device).eval()

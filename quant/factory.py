@@ -50,7 +50,8 @@ class QuantizerFactory:
             if channels is None:
                 raise ValueError("a LayerNorm-input quantizer needs the channel count")
             rule = "o2sf" if method == "tsptq" else "ptf"
-            q = ChannelPow2Quantizer(bits, channels, rule=rule, outlier_rule=cfg.outlier_rule)
+            q = ChannelPow2Quantizer(bits, channels, rule=rule, outlier_rule=cfg.outlier_rule,
+                                     shared_zero=method == "ptf")
         else:
             q = UniformQuantizer(bits)
         return self._tag(q, kind)

@@ -18,6 +18,7 @@ from .calibrate import (
     calibrate_parameters,
     collect_statistics,
     release_statistics,
+    round_float_parameters,
     tensor_digest,
 )
 from .config import QuantConfig
@@ -56,15 +57,18 @@ class QuantizedModel(nn.Module):
         """Measure signal-to-quantization-noise ratio (dB) per tensor kind over the forward passes
         run inside the block: ``with q.probe_sqnr() as read: q(x); print(read())``."""
         qs = [q for _, q in self.quantizers() if q.enabled and bool(q.calibrated)]
-        for q in qs:
-            q.probe = {"signal": 0.0, "noise": 0.0}
+        probes = [(q.kind, {"signal": 0.0, "noise": 0.0}) for q in qs]
+        for q, (_, probe) in zip(qs, probes, strict=True):
+            q.probe = probe
 
         def read() -> dict[str, float]:
             acc: dict[str, list[float]] = {}
-            for q in qs:
-                a = acc.setdefault(q.kind, [0.0, 0.0])
-                a[0] += q.probe["signal"]
-                a[1] += q.probe["noise"]
+            for kind, probe in probes:
+                if probe["signal"] == 0 and probe["noise"] == 0:
+                    continue  # never ran in forward (parameters quantized once, in place)
+                a = acc.setdefault(kind, [0.0, 0.0])
+                a[0] += probe["signal"]
+                a[1] += probe["noise"]
             return {k: sqnr_db(s, n) for k, (s, n) in acc.items()}
 
         try:
@@ -99,12 +103,12 @@ def quantize(model: nn.Module, calib_images: Tensor, config: QuantConfig | None 
     device = next(model.parameters()).device
     twin = adapter.rewrite(copy.deepcopy(model).eval(), QuantizerFactory(config))
     images = calib_images[: config.calib_size].to(device)
-    torch.manual_seed(config.seed)
     start = time.perf_counter()
     try:
         collect_statistics(twin, images, config)
         calibrate_modules(twin, config, progress)
         calibrate_parameters(twin, config)
+        round_float_parameters(twin)
     finally:
         release_statistics(twin)
     info = {
@@ -114,4 +118,4 @@ def quantize(model: nn.Module, calib_images: Tensor, config: QuantConfig | None 
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
     }
-    return QuantizedModel(twin, config, architecture, info)
+    return QuantizedModel(twin, config, architecture, info).eval()

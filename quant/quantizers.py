@@ -36,9 +36,18 @@ def _grid(points: int, low: float = 0.05, high: float = 1.2) -> list[float]:
     return [low + (high - low) * i / (points - 1) for i in range(points)]
 
 
+_FP16 = torch.finfo(torch.float16)
+
+
 def _fp16_exact(t: Tensor) -> Tensor:
-    """Round scales to float16 precision so a checkpoint stores them losslessly in 2 bytes."""
-    return t.to(torch.float16).to(torch.float32).clamp_min(torch.finfo(torch.float16).tiny)
+    """Round scales *up* to float16 precision, so a checkpoint stores them losslessly in 2 bytes
+    and a min-max grid still reaches its maximum. Scales outside float16's normal range stay in
+    float32 (the checkpoint then stores that tensor in float32)."""
+    t = t.float()
+    h = t.to(torch.float16)
+    h = torch.where(h.float() < t, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    normal = (t >= _FP16.tiny) & (t <= _FP16.max / 2)
+    return torch.where(normal, h.float(), t).clamp_min(1e-30)
 
 
 class Quantizer(nn.Module):
@@ -279,11 +288,11 @@ class TwoScaleValueQuantizer(Quantizer):
         elif self.region_rule == "sign":
             # PTQ4ViT twin uniform for GELU: fine grid fixed by the negative tail; search the
             # coarse (positive) scale, constrained to 2^m times the fine one.
-            fine = max(-min(x_min, 0.0), 1e-6) / self.payload_max
+            fine = max(-min(x_min, 0.0), 2.0 ** -10 * max(x_max, 1e-6)) / self.payload_max
             candidates = []
             for a in _grid(points):
                 want = a * x_max / self.payload_max
-                m = max(0, round(math.log2(max(want / fine, 1.0))))
+                m = min(16, max(0, round(math.log2(max(want / fine, 1.0)))))
                 candidates.append((fine, m))
             candidates = sorted(set(candidates))
         else:
@@ -317,16 +326,17 @@ class ChannelPow2Quantizer(Quantizer):
     * ``"o2sf"``: e_c ∈ {0, k}: one flag bit per channel marks outliers (TSPTQ-ViT).
     * ``"ptf"``: e_c ∈ {0, 1, 2, 3}, each channel picking the exponent with the least error.
 
-    Departure from the paper: zero points are per channel. The residual stream's channels carry
-    offsets of their own; centring each channel costs one integer per channel (a constant the
-    integer LayerNorm subtracts) and lets a channel's *half range* rather than its absolute
-    maximum decide whether it is an outlier.
+    Zero points: FQ-ViT's PTF shares one zero point across channels (``shared_zero=True``, as
+    its code does). O-2SF here centres each channel with its own zero point, a departure from the
+    paper: the residual stream's channels carry offsets of their own, centring costs one integer
+    per channel (a constant the integer LayerNorm subtracts) and lets a channel's *half range*
+    rather than its absolute maximum decide whether it is an outlier.
     """
 
     scheme = "pow2"
 
     def __init__(self, bits: int, channels: int, rule: str = "o2sf",
-                 outlier_rule: str = "threshold") -> None:
+                 outlier_rule: str = "threshold", shared_zero: bool = False) -> None:
         super().__init__(bits)
         if rule not in ("o2sf", "ptf"):
             raise ValueError(f"unknown exponent rule {rule!r}")
@@ -334,6 +344,7 @@ class ChannelPow2Quantizer(Quantizer):
             raise ValueError(f"unknown outlier rule {outlier_rule!r}")
         self.rule = rule
         self.outlier_rule = outlier_rule
+        self.shared_zero = shared_zero
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("exponent", torch.zeros(channels, dtype=torch.int32))
         self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
@@ -352,10 +363,13 @@ class ChannelPow2Quantizer(Quantizer):
         self.scale = _fp16_exact(torch.as_tensor(scale, dtype=torch.float32,
                                                  device=self.scale.device).reshape(()))
         self.exponent = exponent.to(torch.int32).to(self.exponent.device)
-        sc = self.scale * torch.pow(2.0, self.exponent.float())
-        center = (hi + lo) / 2
-        zp = torch.round((self.levels - 1) / 2 - center / sc)
-        self.zero_point = zp.clamp(0, self.levels - 1).to(torch.int32)
+        if self.shared_zero:  # FQ-ViT: from the global minimum at the coarsest channel scale
+            coarsest = self.scale * 2.0 ** int(self.exponent.max())
+            zp = torch.round(-lo.min().clamp_max(0) / coarsest).expand_as(lo)
+        else:
+            sc = self.scale * torch.pow(2.0, self.exponent.float())
+            zp = torch.round((self.levels - 1) / 2 - (hi + lo) / 2 / sc)
+        self.zero_point = zp.clamp(0, self.levels - 1).to(torch.int32).contiguous()
         self.calibrated.fill_(True)
 
     @property
@@ -364,8 +378,8 @@ class ChannelPow2Quantizer(Quantizer):
 
     def calibrate(self, x: Tensor, loss: LossFn, points: int = 50,
                   lo: Tensor | None = None, hi: Tensor | None = None,
-                  thresholds: tuple[float, ...] = (2.0, 3.0, 4.0, 6.0, 8.0, 16.0),
-                  max_exponent: int = 6) -> None:
+                  thresholds: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0),
+                  max_exponent: int = 6, max_splits: int = 32) -> None:
         """``lo``/``hi``: per-channel min and max over all calibration tokens (``x`` may be a
         sample of the rows)."""
         x2 = x.reshape(-1, x.shape[-1])
@@ -379,10 +393,11 @@ class ChannelPow2Quantizer(Quantizer):
         if self.outlier_rule == "threshold":
             med = half.median()
             masks = [half > t * med for t in thresholds]
-        else:  # every split of the sorted ranges (the top quarter at most are outliers)
+        else:  # splits of the sorted ranges (every one, or max_splits evenly spaced ones)
             c = half.numel()
             masks = []
-            for n_out in range(1, max(2, c // 4) + 1):
+            for n_out in sorted({round(1 + i * (c - 2) / max(1, max_splits - 1))
+                                 for i in range(min(max_splits, c - 1))}):
                 m = torch.zeros_like(half, dtype=torch.bool)
                 m[order[c - n_out:]] = True
                 masks.append(m)
@@ -399,7 +414,7 @@ class ChannelPow2Quantizer(Quantizer):
             if mask.any():
                 ratio = float(half[mask].max()) / normal_max
                 ks = sorted({max(1, min(max_exponent, math.ceil(math.log2(ratio)) + d))
-                             for d in (-1, 0)})
+                             for d in (-1, 0, 1)})
             else:
                 ks = [0]
             for k in ks:
@@ -416,7 +431,7 @@ class ChannelPow2Quantizer(Quantizer):
         """FQ-ViT: base scale from the global min-max divided by 2^3; each channel takes the
         exponent α ∈ {0..3} with the least quantization error of its own values."""
         k_max = 3
-        s = float(2 * half.max()) / (self.levels - 1) / (1 << k_max)
+        s = float(hi.max() - lo.min()) / (self.levels - 1) / (1 << k_max)
         errs = []
         for a in range(k_max + 1):
             self.set_params(s, torch.full_like(half, a, dtype=torch.int32), lo, hi)

@@ -12,7 +12,6 @@ from torch import nn
 from ..factory import QuantizerFactory
 from ..modules import QAttention, QConv2d, QLayerNorm, QLinear, QuantModule, UnsupportedModelError
 
-
 # Plain LayerNorms (timm's subclass computes the same F.layer_norm).
 _LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from timm.layers import Attention
+from timm.layers import Attention, LayerScale
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
@@ -44,4 +44,6 @@ class TimmViTAdapter(ModelAdapter):
             "no_embed_class": model.no_embed_class, "reg_tokens": model.num_reg_tokens,
             "fc_norm": not isinstance(model.fc_norm, nn.Identity),
             "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+            # Any value creates LayerScale's gamma; the loaded state sets it.
+            "init_values": 1.0 if isinstance(blk.ls1, LayerScale) else None,
         }}

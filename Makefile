@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine:
+#   make run    set up, then quantize the bundled digits ViT end to end and print the table
+#   make test   set up, then run the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test bench lint
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/tsptq quantize
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.accuracy --json out/accuracy.json
+
+lint: setup
+	$(VENV)/bin/ruff check .

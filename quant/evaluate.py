@@ -1,0 +1,38 @@
+"""Accuracy of a quantized model against its FP32 original."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Agreement:
+    top1: float        # fraction correct
+    fp32_top1: float
+    agreement: float   # fraction of images whose top-1 equals the FP32 model's
+    kl: float          # mean KL(P_fp32 || P_quantized) of the softmax outputs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: Tensor, batch: int = 256) -> Tensor:
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch].to(dev)).float().cpu() for i in range(0, len(x), batch)])
+
+
+def compare(fp_logits: Tensor, q_logits: Tensor, labels: Tensor) -> Agreement:
+    fp_pred, q_pred = fp_logits.argmax(-1), q_logits.argmax(-1)
+    kl = F.kl_div(F.log_softmax(q_logits, -1), F.log_softmax(fp_logits, -1), log_target=True,
+                  reduction="batchmean")
+    return Agreement(
+        top1=float((q_pred == labels).float().mean()),
+        fp32_top1=float((fp_pred == labels).float().mean()),
+        agreement=float((q_pred == fp_pred).float().mean()),
+        kl=float(kl),
+    )

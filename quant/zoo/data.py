@@ -1,0 +1,55 @@
+"""Calibration and evaluation data: the bundled digits, or an ImageFolder directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .digits import load_digits_split
+
+
+@dataclass(frozen=True)
+class EvalData:
+    calib: Tensor      # (N, 3, H, W), normalised for the model
+    x_test: Tensor
+    y_test: Tensor
+    calib_ids: list[int]  # indices of the calibration images in their source split
+
+
+def pick_calibration(n_total: int, n: int, seed: int) -> list[int]:
+    """A fixed random choice of calibration images for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_total, generator=g)[: min(n, n_total)].tolist())
+
+
+def digits_data(calib_size: int = 32, seed: int = 0) -> EvalData:
+    split = load_digits_split()
+    ids = pick_calibration(len(split.x_train), calib_size, seed)
+    return EvalData(split.x_train[ids], split.x_test, split.y_test, ids)
+
+
+def image_folder_data(root: str | Path, model: nn.Module, calib_size: int = 32, seed: int = 0,
+                      limit: int | None = None) -> EvalData:
+    """``root/train`` (calibration) and ``root/val`` (evaluation) in torchvision's ImageFolder
+    layout, preprocessed with the model's own timm data config (as its weights expect)."""
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    for part in ("train", "val"):
+        if not (root / part).is_dir():
+            raise FileNotFoundError(f"{root / part} is not a directory (expected ImageFolder "
+                                    "layout: ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    train = ImageFolder(str(root / "train"), transform=transform)
+    val = ImageFolder(str(root / "val"), transform=transform)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"{root}: no images found")
+    ids = pick_calibration(len(train), calib_size, seed)
+    calib = torch.stack([train[i][0] for i in ids])
+    n_val = len(val) if limit is None else min(limit, len(val))
+    xs, ys = zip(*(val[i] for i in range(n_val)), strict=True)
+    return EvalData(calib, torch.stack(xs), torch.tensor(ys), ids)

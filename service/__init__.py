@@ -1,0 +1,1 @@
+"""The tsptq service: settings, storage, dispatcher and the ``tsptq`` command line."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random timm models and calibration images."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from quant import QuantConfig, quantize
+
+# One thread: on a busy machine torch's default thread pool makes one tiny calibration take ~19 s
+# instead of ~0.2 s (measured); results do not depend on it.
+torch.set_num_threads(1)
+
+VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+SWIN_KWARGS = dict(img_size=32, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 4),
+                   num_classes=10)
+# Fast searches for the tiny models; the defaults change nothing these tests check.
+FAST = dict(search_points=10, search_rows=256)
+
+
+def _make(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_vit() -> torch.nn.Module:
+    return _make("vit_tiny_patch16_224", **VIT_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_deit_distilled() -> torch.nn.Module:
+    return _make("deit_tiny_distilled_patch16_224", **VIT_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_swin() -> torch.nn.Module:
+    return _make("swin_tiny_patch4_window7_224", **SWIN_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def images() -> torch.Tensor:
+    return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def models(tiny_vit, tiny_deit_distilled, tiny_swin) -> dict[str, torch.nn.Module]:
+    return {"vit": tiny_vit, "deit": tiny_deit_distilled, "swin": tiny_swin}
+
+
+@pytest.fixture(scope="session")
+def quantized(models, images):
+    """``quantized(model_name, **config)``: the model quantized with FAST searches, cached for
+    the session (treat the result as read-only)."""
+    cache: dict = {}
+
+    def get(name: str, **config):
+        key = (name, tuple(sorted(config.items())))
+        if key not in cache:
+            cache[key] = quantize(models[name], images, QuantConfig(**{**FAST, **config}))
+        return cache[key]
+
+    return get

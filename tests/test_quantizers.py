@@ -1,0 +1,340 @@
+"""Properties of the quantizers: integer rebuild, error bounds, monotonicity, calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quant.quantizers import (
+    GELU_MIN,
+    ChannelPow2Quantizer,
+    Log2Quantizer,
+    TwoScaleValueQuantizer,
+    UniformQuantizer,
+)
+
+PROPS = settings(max_examples=50, deadline=None)
+seeds = st.integers(0, 2**31 - 1)
+POINTS = 12  # candidates per search: enough to exercise it, cheap on small tensors
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def mse(x: torch.Tensor):
+    return lambda xq: ((xq - x) ** 2).mean()
+
+
+def check_rebuild(q, make, x: torch.Tensor) -> None:
+    """Codes are int32 in [0, 2^b - 1], and a fresh quantizer loaded from the state dict rebuilds
+    ``q(x)`` bit for bit from the codes alone."""
+    codes = q.codes(x)
+    assert codes.dtype == torch.int32
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 2**q.bits - 1
+    fresh = make()
+    fresh.load_state_dict(q.state_dict())
+    rebuilt = fresh.integer(codes).float() * fresh.step(x)
+    assert torch.equal(rebuilt, q(x))
+
+
+def tol(x: torch.Tensor) -> torch.Tensor:
+    """Float32 slack of x / s and of integer * s."""
+    return 1e-6 * x.abs() + 1e-12
+
+
+def assert_nondecreasing(y: torch.Tensor, dim: int = -1) -> None:
+    assert bool((y.diff(dim=dim) >= 0).all())
+
+
+def fill(lo: torch.Tensor, hi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Points of [lo, hi] (broadcast) at fractions ``u`` in [0, 1]."""
+    return lo + (hi - lo) * u
+
+
+# --------------------------------------------------------------------------- uniform
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(2, 16), symmetric=st.booleans(),
+       spread=st.floats(1e-2, 1e3), offset=st.floats(-2.0, 2.0))
+def test_uniform_per_tensor(seed, bits, symmetric, spread, offset):
+    g = gen(seed)
+    x = (torch.randn(64, 8, generator=g) + offset) * spread
+    make = lambda: UniformQuantizer(bits, symmetric=symmetric)  # noqa: E731
+    q = make()
+    q.calibrate(x, mse(x), POINTS)
+    assert bool(q.calibrated)
+    check_rebuild(q, make, x)
+    s, z = q.scale, q.zero_point.float()
+    lo, hi = -z * s, (2**bits - 1 - z) * s
+    y = fill(lo, hi, torch.rand(4096, generator=g))
+    assert bool(((y - q(y)).abs() <= s / 2 + tol(y)).all())
+    wide = torch.linspace(float(lo) * 3 - 1, float(hi) * 3 + 1, 4096)
+    assert_nondecreasing(q(wide))
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(2, 16), symmetric=st.booleans(),
+       channels=st.integers(1, 12))
+def test_uniform_per_channel(seed, bits, symmetric, channels):
+    g = gen(seed)
+    ch_scale = torch.exp(2 * torch.randn(channels, 1, generator=g))
+    x = torch.randn(channels, 16, generator=g) * ch_scale + torch.randn(channels, 1, generator=g)
+    make = lambda: UniformQuantizer(bits, symmetric, axis=0, channels=channels)  # noqa: E731
+    q = make()
+    q.calibrate(x, None, POINTS, channel_loss=lambda xq: ((xq - x) ** 2).sum(1))
+    check_rebuild(q, make, x)
+    s, z = q.scale[:, None], q.zero_point.float()[:, None]
+    lo, hi = -z * s, (2**bits - 1 - z) * s
+    y = fill(lo, hi, torch.rand(channels, 512, generator=g))
+    assert bool(((y - q(y)).abs() <= s / 2 + tol(y)).all())
+    y_sorted = y.sort(dim=1).values
+    assert_nondecreasing(q(y_sorted), dim=1)
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(2, 10), symmetric=st.booleans())
+def test_uniform_set_from_range_covers_range(seed, bits, symmetric):
+    g = gen(seed)
+    lo, hi = -torch.rand((), generator=g) * 5, torch.rand((), generator=g) * 5 + 1e-2
+    q = UniformQuantizer(bits, symmetric=symmetric)
+    q.set_from_range(lo, hi)
+    x = fill(lo, hi, torch.rand(2048, generator=g))
+    check_rebuild(q, lambda: UniformQuantizer(bits, symmetric=symmetric), x)
+    # Min-max: all of [lo, hi] within half a step, plus what rounding the scale to float16
+    # (relative error <= 2^-11) can cost at the top code.
+    slack = (2**bits - 1) * 2.0**-11
+    assert bool(((x - q(x)).abs() <= q.scale * (0.5 + slack) + tol(x)).all())
+
+
+def test_uniform_min_max_covers_hi_at_16_bits():
+    q = UniformQuantizer(16)
+    hi = torch.tensor(4.251875877380371)
+    q.set_from_range(torch.tensor(0.0), hi)
+    assert float((hi - q(hi)).abs()) <= float(q.scale) / 2  # it is ~30 steps off
+
+
+def test_uniform_small_range_keeps_its_levels():
+    q = UniformQuantizer(8)
+    q.set_from_range(torch.tensor(0.0), torch.tensor(1e-3))
+    levels = q(torch.linspace(0, 1e-3, 4096)).unique().numel()
+    assert levels >= 200  # 17 levels instead of 256
+
+
+# --------------------------------------------------------------------------- V-2SF
+
+V2SF_CASES = [("value", False), ("value", True), ("sign", True)]
+
+
+def v2sf_data(signed: bool, g: torch.Generator, spread: float) -> torch.Tensor:
+    if signed:  # post-GELU: >= GELU_MIN
+        return F.gelu(torch.randn(32, 32, generator=g) * spread)
+    # post-softmax: in [0, 1], rows summing to 1
+    return (torch.randn(32, 32, generator=g) * spread).softmax(-1)
+
+
+def check_v2sf(q: TwoScaleValueQuantizer, x: torch.Tensor, g: torch.Generator) -> None:
+    make = lambda: TwoScaleValueQuantizer(q.bits, q.region_rule, q.signed)  # noqa: E731
+    check_rebuild(q, make, x)
+    s, m, z, pmax = q.scale, int(q.shift), int(q.zero_point), q.payload_max
+    coarse = s * 2**m
+    lo, hi = -z * s, pmax * coarse
+    y = fill(lo, hi, torch.rand(8192, generator=g))
+    err = (y - q(y)).abs()
+    # Anywhere in range: at most half a coarse step.
+    assert bool((err <= coarse / 2 + tol(y)).all())
+    # The fine region (below the split, and below zero for the sign rule): half a fine step.
+    fine = y < q.split_threshold
+    if q.region_rule == "sign":
+        fine &= y < 0
+    assert bool((err[fine] <= s / 2 + tol(y[fine])).all())
+    # Monotone, also outside the range.
+    wide = torch.linspace(min(float(lo), GELU_MIN) - 1, float(hi) * 2 + 1, 8192)
+    assert_nondecreasing(q(wide))
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(3, 16), case=st.sampled_from(V2SF_CASES),
+       spread=st.floats(0.1, 8.0))
+def test_v2sf_calibrated(seed, bits, case, spread):
+    rule, signed = case
+    g = gen(seed)
+    x = v2sf_data(signed, g, spread)
+    q = TwoScaleValueQuantizer(bits, region_rule=rule, signed=signed)
+    q.calibrate(x, mse(x), POINTS)
+    assert bool(q.calibrated)
+    if signed and rule == "value":
+        assert 0 <= int(q.zero_point) <= (q.payload_max + 1) // 2
+    check_v2sf(q, x, g)
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(3, 12), case=st.sampled_from(V2SF_CASES),
+       scale=st.floats(1e-3, 1.0), shift=st.integers(0, 7), zero_frac=st.floats(0.0, 1.0))
+def test_v2sf_set_params(seed, bits, case, scale, shift, zero_frac):
+    rule, signed = case
+    q = TwoScaleValueQuantizer(bits, region_rule=rule, signed=signed)
+    z = round(zero_frac * q.payload_max) if signed else 0
+    if rule == "value":
+        z = min(z, (q.payload_max + 1) // 2)
+    q.set_params(scale, shift, z)
+    g = gen(seed)
+    check_v2sf(q, v2sf_data(signed, g, 2.0), g)
+
+
+def test_v2sf_softmax_coarse_grid_reaches_one():
+    for bits in (4, 6, 8):
+        x = torch.rand(64, 49, generator=gen(bits)).softmax(-1)
+        q = TwoScaleValueQuantizer(bits, "value", signed=False)
+        q.calibrate(x, mse(x))
+        top = float(q.scale) * 2 ** int(q.shift) * q.payload_max
+        assert top == pytest.approx(1.0, abs=1e-3), bits
+        assert float(q(torch.ones(1))) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_v2sf_sign_rule_splits_by_sign():
+    q = TwoScaleValueQuantizer(4, "sign", signed=True)
+    q.set_params(0.01, 3, q.payload_max)
+    codes = q.codes(torch.tensor([-0.05, -1e-4, 0.0, 1e-4, 0.3]))
+    assert (codes >= 2 ** (q.bits - 1)).tolist() == [False, False, True, True, True]
+
+
+def test_twin_gelu_without_negative_tail():
+    x = torch.rand(1000, generator=gen(0)) * 3
+    q = TwoScaleValueQuantizer(8, "sign", signed=True)
+    q.calibrate(x, mse(x))
+    assert float(mse(x)(q(x))) < 1e-3 * float((x**2).mean())
+
+
+# --------------------------------------------------------------------------- O-2SF / PTF
+
+
+def outlier_data(g: torch.Generator, rows: int = 256, channels: int = 64,
+                 outliers=(5, 17, 42), factor: float = 50.0) -> torch.Tensor:
+    x = torch.randn(rows, channels, generator=g) + 0.3 * torch.randn(channels, generator=g)
+    x[:, list(outliers)] *= factor
+    return x
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(2, 16), rule=st.sampled_from(["o2sf", "ptf"]),
+       outlier_rule=st.sampled_from(["threshold", "sorted_split"]),
+       channels=st.integers(4, 16), factor=st.floats(1.0, 100.0))
+def test_channel_pow2(seed, bits, rule, outlier_rule, channels, factor):
+    g = gen(seed)
+    n_out = int(torch.randint(0, channels // 4 + 1, (), generator=g))
+    x = outlier_data(g, 48, channels, torch.randperm(channels, generator=g)[:n_out].tolist(),
+                     factor)
+    make = lambda: ChannelPow2Quantizer(bits, channels, rule, outlier_rule)  # noqa: E731
+    q = make()
+    q.calibrate(x, mse(x), POINTS)
+    check_rebuild(q, make, x)
+    exps = set(q.exponent.tolist())
+    if rule == "ptf":
+        assert exps <= {0, 1, 2, 3}
+    else:  # one flag bit per channel: 0 or the shared outlier exponent
+        assert 0 in exps and len(exps) <= 2 and max(exps) <= 6
+    step = q.scale * 2.0 ** q.exponent.float()  # per channel
+    z = q.zero_point.float()
+    lo, hi = -z * step, (2**bits - 1 - z) * step
+    y = fill(lo, hi, torch.rand(512, channels, generator=g))
+    assert bool(((y - q(y)).abs() <= step / 2 + tol(y)).all())
+    y_sorted = torch.cat([y, x]).sort(dim=0).values
+    assert_nondecreasing(q(y_sorted), dim=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("outlier_rule", ["threshold", "sorted_split"])
+def test_o2sf_flags_outlier_channels_and_beats_uniform(bits, outlier_rule):
+    x = outlier_data(gen(0))
+    q = ChannelPow2Quantizer(bits, 64, "o2sf", outlier_rule)
+    q.calibrate(x, mse(x))
+    assert q.outlier_channels == [5, 17, 42]
+    assert len(set(q.exponent[[5, 17, 42]].tolist())) == 1  # one shared outlier exponent
+    u = UniformQuantizer(bits)
+    u.calibrate(x, mse(x))
+    assert float(mse(x)(q(x))) < float(mse(x)(u(x)))
+    normal = [c for c in range(64) if c not in (5, 17, 42)]  # where the gain is: >10x less error
+    xn = x[:, normal]
+    assert float(mse(xn)(q(x)[:, normal])) < float(mse(xn)(u(x)[:, normal])) / 10
+
+
+def test_ptf_exponents():
+    x = outlier_data(gen(1), factor=6.0)
+    q = ChannelPow2Quantizer(8, 64, "ptf")
+    q.calibrate(x, mse(x))
+    exps = q.exponent.tolist()
+    assert set(exps) <= {0, 1, 2, 3}
+    assert all(exps[c] == 3 for c in (5, 17, 42))  # the widest channels take the widest grid
+    assert max(e for c, e in enumerate(exps) if c not in (5, 17, 42)) < 3
+
+
+# --------------------------------------------------------------------------- log2
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(2, 16), spread=st.floats(0.1, 10.0))
+def test_log2(seed, bits, spread):
+    g = gen(seed)
+    x = (torch.randn(16, 64, generator=g) * spread).softmax(-1)
+    make = lambda: Log2Quantizer(bits)  # noqa: E731
+    q = make()
+    q.calibrate(x, mse(x))
+    check_rebuild(q, make, x)
+    assert_nondecreasing(q(torch.cat([torch.linspace(-1, 2, 4096), x.flatten()]).sort().values))
+    # Inside [2^-Q, 1]: within half a step on the log2 scale.
+    y = 2.0 ** (-q.exp_max * torch.rand(4096, generator=g))
+    ratio = q(y) / y
+    assert bool(((ratio >= 2**-0.5 * (1 - 1e-6)) & (ratio <= 2**0.5 * (1 + 1e-6))).all())
+    assert float(q(torch.zeros(1))) == 0.0 and float(q(torch.ones(1))) == 1.0
+
+
+# --------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("bits", [0, 1, 17, 32])
+@pytest.mark.parametrize("make", [
+    UniformQuantizer, TwoScaleValueQuantizer, Log2Quantizer,
+    lambda b: ChannelPow2Quantizer(b, 4)], ids=["uniform", "v2sf", "log2", "pow2"])
+def test_bits_out_of_range(make, bits):
+    with pytest.raises(ValueError, match="bits"):
+        make(bits)
+
+
+def test_two_scale_needs_three_bits():
+    with pytest.raises(ValueError, match="3 bits"):
+        TwoScaleValueQuantizer(2)
+    TwoScaleValueQuantizer(3)
+
+
+def test_unknown_rules():
+    with pytest.raises(ValueError, match="region rule"):
+        TwoScaleValueQuantizer(8, region_rule="magnitude")
+    with pytest.raises(ValueError, match="exponent rule"):
+        ChannelPow2Quantizer(8, 4, rule="pow")
+    with pytest.raises(ValueError, match="outlier rule"):
+        ChannelPow2Quantizer(8, 4, outlier_rule="top")
+
+
+def test_uncalibrated_or_disabled_is_identity():
+    x = torch.randn(10)
+    q = UniformQuantizer(4)
+    assert torch.equal(q(x), x)
+    q.calibrate(x, mse(x))
+    assert not torch.equal(q(x), x)
+    q.enabled = False
+    assert torch.equal(q(x), x)
+
+
+def test_scales_are_float16_exact():
+    x = torch.randn(256) * 3.3
+    for q in (UniformQuantizer(8), TwoScaleValueQuantizer(8, signed=True),
+              ChannelPow2Quantizer(8, 16)):
+        xs = x.reshape(16, 16) if isinstance(q, ChannelPow2Quantizer) else x
+        q.calibrate(xs, mse(xs))
+        assert bool(q.calibrated)
+        assert torch.equal(q.scale.half().float(), q.scale)
