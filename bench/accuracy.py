@@ -31,13 +31,24 @@ METHODS = ("uniform", "twin", "ptf", "tsptq")
 SETTINGS = ("full", "partial")
 WIDTHS = ((8, 8), (6, 6), (4, 8), (4, 4))
 SQNR_KINDS = ("post_softmax", "post_gelu", "ln_input", "linear_input", "weight")
+# Each a change to tsptq's default config (or to a baseline), fully quantized.
+ABLATIONS = (
+    ("tsptq (V-2SF + O-2SF, defaults)", {}),
+    ("tsptq, V-2SF coarse grid from zero (as the paper)", {"coarse_offset": False}),
+    ("tsptq + O-2SF on post-LN (qkv, fc1 inputs)", {"post_ln_two_scale": True}),
+    ("tsptq, sorted-split outlier rule", {"outlier_rule": "sorted_split"}),
+    ("tsptq, MSE metric", {"metric": "mse"}),
+    ("tsptq, cosine metric", {"metric": "cosine"}),
+    ("tsptq, one shared LN zero point", {"channel_zero_points": False}),
+    ("ptf + per-channel LN zero points", {"method": "ptf", "channel_zero_points": True}),
+)
 
 
 def run_grid(model: torch.nn.Module, data: EvalData, metric: str) -> tuple[list[dict], list[dict]]:
     fp_logits = logits_of(model, data.x_test)
     rows, sqnr_rows = [], []
     grid = [(m, s, w) for s in SETTINGS for w in WIDTHS for m in METHODS]
-    for method, setting, (wb, ab) in tqdm(grid, desc="quantize", file=sys.stderr):
+    for method, setting, (wb, ab) in tqdm(grid, desc="methods", file=sys.stderr):
         cfg = QuantConfig(method=method, setting=setting, w_bits=wb, a_bits=ab, metric=metric)
         start = time.perf_counter()
         qmodel = quantize(model, data.calib, cfg)
@@ -58,14 +69,33 @@ def run_grid(model: torch.nn.Module, data: EvalData, metric: str) -> tuple[list[
     return rows, sqnr_rows
 
 
-def deit_calibration_seconds(points: int) -> list[dict]:
+def run_ablations(model: torch.nn.Module, data: EvalData, metric: str) -> list[dict]:
+    fp_logits = logits_of(model, data.x_test)
+    rows = []
+    grid = [(a, w) for a in ABLATIONS for w in WIDTHS]
+    for (name, change), (wb, ab) in tqdm(grid, desc="ablations", file=sys.stderr):
+        cfg = QuantConfig(**{"metric": metric, "w_bits": wb, "a_bits": ab, **change})
+        qmodel = quantize(model, data.calib, cfg)
+        with qmodel.probe_sqnr() as read:
+            res = compare(fp_logits, logits_of(qmodel, data.x_test), data.y_test)
+        sqnr = read()
+        rows.append({"variant": name, "w_bits": wb, "a_bits": ab, "top1": round(res.top1, 4),
+                     "agreement": round(res.agreement, 4), "kl": float(f"{res.kl:.3g}"),
+                     "ln_input_sqnr": round(sqnr["ln_input"], 2),
+                     "linear_input_sqnr": round(sqnr["linear_input"], 2)})
+    return rows
+
+
+def deit_calibration_seconds(device: str) -> list[dict]:
     torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval().to(device)
     images = torch.randn(32, 3, 224, 224)
     out = []
     for method in METHODS:
         start = time.perf_counter()
-        quantize(model, images, QuantConfig(method=method, search_points=points))
+        quantize(model, images, QuantConfig(method=method))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         out.append({"model": "deit_tiny_patch16_224", "method": method,
                     "calib_s": round(time.perf_counter() - start, 1)})
     return out
@@ -115,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights")
     p.add_argument("--data", type=Path,
                    help="ImageFolder root with train/ and val/ (default: digits)")
-    p.add_argument("--metric", default="mse", choices=("mse", "cosine", "hessian"))
+    p.add_argument("--metric", default=QuantConfig().metric, choices=("mse", "cosine", "hessian"))
     p.add_argument("--skip-deit", action="store_true", help="skip the deit_tiny timing")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # calibration seconds are reported for one thread
@@ -126,16 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = timm.create_model(args.model, pretrained=args.pretrained).eval()
         data = image_folder_data(args.data, model)
+    model = model.to(args.device)
     rows, sqnr_rows = run_grid(model, data, args.metric)
     print(f"\n## Accuracy ({args.model}, {len(data.y_test)} test images, metric {args.metric})\n")
     print(table(rows, ["method", "setting", "w_bits", "a_bits", "top1", "fp32_top1", "agreement",
                        "kl", "calib_s"]))
     print("\n## SQNR (dB) per tensor kind, fully quantized, test split\n")
     print(table(sqnr_rows, ["method", "w_bits", "a_bits", *SQNR_KINDS]))
-    deit = [] if args.skip_deit else deit_calibration_seconds(QuantConfig().search_points)
+    ablations = run_ablations(model, data, args.metric)
+    print("\n## Ablations (fully quantized)\n")
+    print(table(ablations, ["variant", "w_bits", "a_bits", "top1", "agreement", "kl",
+                            "ln_input_sqnr", "linear_input_sqnr"]))
+    deit = [] if args.skip_deit else deit_calibration_seconds(args.device)
     if deit:
         print("\n## Calibration seconds, deit_tiny_patch16_224 (random weights), 32 images, "
-              "224x224, one thread, W8A8 full\n")
+              f"224x224, W8A8 full, on {args.device} (one CPU thread)\n")
         print(table(deit, ["model", "method", "calib_s"]))
     checks = check_targets(rows, sqnr_rows) if args.data is None else []
     if checks:
@@ -147,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'PASS' if ok else 'FAIL'}  {name}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"rows": rows, "sqnr": sqnr_rows, "deit_calibration": deit,
+        out = {"rows": rows, "sqnr": sqnr_rows, "ablations": ablations, "deit_calibration": deit,
                "targets": [{"target": n, "pass": ok} for n, ok in checks]}
         args.json.write_text(json.dumps(out, indent=2))
         print(f"\nwrote {args.json}")

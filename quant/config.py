@@ -55,6 +55,13 @@ class QuantConfig:
     # Rows (tokens) of each captured activation used to score candidates.
     search_rows: int = 2048
     outlier_rule: str = "threshold"
+    # Beyond the paper: O-2SF on the inputs of qkv and fc1 too (tsptq only; an ablation).
+    post_ln_two_scale: bool = False
+    # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py).
+    coarse_offset: bool = True
+    # Per-channel zero points on the LayerNorm input: None = the method's own choice (tsptq: per
+    # channel; ptf: one shared zero point, as FQ-ViT's code does). Set it for ablations.
+    channel_zero_points: bool | None = None
     # Kinds switched off on top of what the setting switches off (ablations).
     disabled: frozenset[str] = field(default_factory=frozenset)
     # Bits of the image input: pixels are 8-bit data already, as in FQ-ViT and RepQ-ViT.

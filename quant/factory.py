@@ -33,25 +33,36 @@ class QuantizerFactory:
         q = UniformQuantizer(8, symmetric=True, axis=-1, channels=channels)
         return self._tag(q, "embedding")
 
-    def activation(self, kind: str, channels: int | None = None) -> Quantizer:
+    def activation(self, kind: str, channels: int | None = None,
+                   post_ln: bool = False) -> Quantizer:
+        """``post_ln``: the tensor is a LayerNorm's output (the input of qkv or fc1)."""
         cfg, method, bits = self.config, self.config.method, self.config.a_bits
         q: Quantizer
         if kind == "image":
             q = UniformQuantizer(cfg.image_bits)
         elif kind == "post_softmax" and method in ("tsptq", "twin"):
-            q = TwoScaleValueQuantizer(bits, region_rule="value", signed=False)
+            q = TwoScaleValueQuantizer(bits, region_rule="value", signed=False,
+                                       coarse_offset=method == "tsptq" and cfg.coarse_offset)
         elif kind == "post_softmax" and method == "ptf":
             q = Log2Quantizer(bits)
         elif kind == "post_gelu" and method == "tsptq":
-            q = TwoScaleValueQuantizer(bits, region_rule="value", signed=True)
+            q = TwoScaleValueQuantizer(bits, region_rule="value", signed=True,
+                                       coarse_offset=cfg.coarse_offset)
         elif kind == "post_gelu" and method == "twin":
             q = TwoScaleValueQuantizer(bits, region_rule="sign", signed=True)
+        elif (kind == "linear_input" and post_ln and method == "tsptq"
+              and cfg.post_ln_two_scale and channels is not None):
+            # Beyond the paper (METHOD.md section 1): O-2SF on post-LayerNorm activations too.
+            # The integer matmul absorbs each channel's 2^e by shifting that weight column.
+            q = ChannelPow2Quantizer(bits, channels, rule="o2sf", outlier_rule=cfg.outlier_rule)
         elif kind == "ln_input" and method in ("tsptq", "ptf"):
             if channels is None:
                 raise ValueError("a LayerNorm-input quantizer needs the channel count")
             rule = "o2sf" if method == "tsptq" else "ptf"
+            shared = (method == "ptf" if cfg.channel_zero_points is None
+                      else not cfg.channel_zero_points)
             q = ChannelPow2Quantizer(bits, channels, rule=rule, outlier_rule=cfg.outlier_rule,
-                                     shared_zero=method == "ptf")
+                                     shared_zero=shared)
         else:
             q = UniformQuantizer(bits)
         return self._tag(q, kind)

@@ -101,7 +101,8 @@ def quantize(model: nn.Module, calib_images: Tensor, config: QuantConfig | None 
     adapter = find_adapter(model)
     architecture = adapter.architecture(model)
     device = next(model.parameters()).device
-    twin = adapter.rewrite(copy.deepcopy(model).eval(), QuantizerFactory(config))
+    # Quantizers are born on the CPU: move the whole twin to the model's device.
+    twin = adapter.rewrite(copy.deepcopy(model).eval(), QuantizerFactory(config)).to(device)
     images = calib_images[: config.calib_size].to(device)
     start = time.perf_counter()
     try:

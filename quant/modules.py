@@ -90,7 +90,7 @@ class QLinear(QuantModule):
         if self.capture is not None:
             x2 = x.detach().reshape(-1, self.in_features)
             idx = sample_rows(x2, self.capture.rows, self.capture.generator)
-            self.stats["x"] = x2[idx]
+            self.stats.update(x=x2[idx], lo=x2.amin(0), hi=x2.amax(0))
         out = F.linear(self.input_q(x), self.weight_q(self.weight), self.bias)
         if self.capture is not None:
             self._grad_hook(out, "g", lambda g: g.reshape(-1, self.out_features)[idx])
@@ -107,9 +107,13 @@ class QLinear(QuantModule):
                 config.metric, lambda wq: F.linear(xw, wq - w), gw))
         w_hat = self.weight_q(w)
         if _enabled(self.input_q):
-            target = F.linear(x, w, b)
-            self.input_q.calibrate(x, output_loss(
-                config.metric, lambda xq: F.linear(xq, w_hat, b), target, g), config.search_points)
+            loss = output_loss(config.metric, lambda xq: F.linear(xq, w_hat, b),
+                               F.linear(x, w, b), g)
+            if isinstance(self.input_q, ChannelPow2Quantizer):
+                self.input_q.calibrate(x, loss, config.search_points,
+                                       lo=self.stats["lo"], hi=self.stats["hi"])
+            else:
+                self.input_q.calibrate(x, loss, config.search_points)
 
 
 class QConv2d(QuantModule):

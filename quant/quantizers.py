@@ -205,6 +205,13 @@ class TwoScaleValueQuantizer(Quantizer):
     s for both, so the coarse step is S = 2^m·s and the next matmul needs only a shift. The region
     is chosen with a mask, never by adding two clamped branches.
 
+    ``coarse_offset`` (TSPTQ here, a refinement of the paper): the coarse grid starts at its
+    first point above the fine grid, ``(p + c) << m`` with c = ⌊F/2^m⌋ + 1 for the fine top F,
+    instead of at zero. Without it the coarse codes below the split duplicate fine values and are
+    never used (half of them at 4 bits); with it every code is a distinct value, which lets the
+    scale shrink by (c + 2^(b−1) − 1)/(2^(b−1) − 1) for the same range. The integer operand costs
+    one add before the shift. PTQ4ViT's twin uniform keeps both grids starting at zero.
+
     ``region_rule`` picks how values are split between the regions:
     * ``"value"`` (TSPTQ-ViT): by magnitude. Small values (including GELU's negative tail, through
       the fine zero point z) take the fine grid; values beyond it take the coarse grid.
@@ -214,7 +221,8 @@ class TwoScaleValueQuantizer(Quantizer):
 
     scheme = "v2sf"
 
-    def __init__(self, bits: int, region_rule: str = "value", signed: bool = False) -> None:
+    def __init__(self, bits: int, region_rule: str = "value", signed: bool = False,
+                 coarse_offset: bool = False) -> None:
         super().__init__(bits)
         if region_rule not in ("value", "sign"):
             raise ValueError(f"unknown region rule {region_rule!r}")
@@ -222,6 +230,7 @@ class TwoScaleValueQuantizer(Quantizer):
             raise ValueError("a two-scale quantizer needs at least 3 bits")
         self.region_rule = region_rule
         self.signed = signed  # True for post-GELU (a negative tail), False for post-Softmax
+        self.coarse_offset = coarse_offset and region_rule == "value"
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("shift", torch.zeros((), dtype=torch.int32))  # m
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))  # z, fine region
@@ -229,6 +238,12 @@ class TwoScaleValueQuantizer(Quantizer):
     @property
     def payload_max(self) -> int:
         return (1 << (self.bits - 1)) - 1
+
+    def _coarse_start(self, shift: int, zero_point: int) -> int:
+        """c: the coarse payload's offset (0 without ``coarse_offset``)."""
+        if not self.coarse_offset:
+            return 0
+        return ((self.payload_max - zero_point) >> shift) + 1
 
     def _threshold(self) -> Tensor:
         """Switch to the coarse grid halfway between the fine top and the next coarse point above
@@ -242,9 +257,10 @@ class TwoScaleValueQuantizer(Quantizer):
 
     def codes(self, x: Tensor) -> Tensor:
         s, m, z = self.scale, int(self.shift), self.zero_point
+        c = self._coarse_start(m, int(z))
         flag = x >= self._threshold()
         fine = (torch.round(x / s) + z).clamp_(0, self.payload_max)
-        coarse = torch.round(x / (s * (1 << m))).clamp_(0, self.payload_max)
+        coarse = (torch.round(x / (s * (1 << m))) - c).clamp_(0, self.payload_max)
         p = torch.where(flag, coarse, fine).to(torch.int32)
         return p + flag.to(torch.int32) * (1 << (self.bits - 1))
 
@@ -252,7 +268,9 @@ class TwoScaleValueQuantizer(Quantizer):
         half = 1 << (self.bits - 1)
         flag = codes >= half
         p = codes - flag.to(torch.int32) * half
-        return torch.where(flag, p << int(self.shift), p - self.zero_point)
+        m = int(self.shift)
+        c = self._coarse_start(m, int(self.zero_point))
+        return torch.where(flag, (p + c) << m, p - self.zero_point)
 
     def step(self, x: Tensor) -> Tensor:
         return self.scale
@@ -283,8 +301,8 @@ class TwoScaleValueQuantizer(Quantizer):
         best: tuple[float, tuple[float, int, int]] = (float("inf"), (1.0, 0, 0))
         if not self.signed:
             # post-Softmax (x in [0, 1]): the coarse grid reaches 1 exactly, search m only.
-            coarse = 1.0 / self.payload_max
-            candidates = [(coarse / (1 << m), m) for m in range(0, max_shift + 1)]
+            candidates = [(1.0 / ((self._coarse_start(m, 0) + self.payload_max) << m), m)
+                          for m in range(0, max_shift + 1)]
         elif self.region_rule == "sign":
             # PTQ4ViT twin uniform for GELU: fine grid fixed by the negative tail; search the
             # coarse (positive) scale, constrained to 2^m times the fine one.
@@ -300,9 +318,11 @@ class TwoScaleValueQuantizer(Quantizer):
             candidates = []
             n = max(4, points // max_shift)
             for a in _grid(n, 0.3):
-                big = a * x_max / self.payload_max
+                top = a * x_max  # the coarse grid's last point
                 for m in range(1, max_shift + 1):
-                    candidates.append((big / (1 << m), m))
+                    s = top / (self.payload_max << m)
+                    c = self._coarse_start(m, self._zero_for(s, x_min))
+                    candidates.append((top / ((c + self.payload_max) << m), m))
         for scale, m in candidates:
             self.set_params(scale, m, self._zero_for(scale, x_min))
             err = float(loss(self.fake_quant(x)))
@@ -313,6 +333,7 @@ class TwoScaleValueQuantizer(Quantizer):
     def describe(self) -> dict:
         d = super().describe()
         d.update(scale=float(self.scale), shift=int(self.shift), zero_point=int(self.zero_point),
+                 coarse_start=self._coarse_start(int(self.shift), int(self.zero_point)),
                  split_threshold=self.split_threshold, region_rule=self.region_rule)
         return d
 

@@ -338,3 +338,16 @@ def test_scales_are_float16_exact():
         q.calibrate(xs, mse(xs))
         assert bool(q.calibrated)
         assert torch.equal(q.scale.half().float(), q.scale)
+
+
+def test_v2sf_coarse_offset_uses_every_code():
+    """With the offset, no coarse code repeats a fine value; without it, some do."""
+    for offset, expect_overlap in ((True, False), (False, True)):
+        q = TwoScaleValueQuantizer(6, coarse_offset=offset)
+        q.set_params(0.01, 2)
+        codes = torch.arange(64, dtype=torch.int32)
+        values = q.integer(codes)
+        fine, coarse = values[:32], values[32:]
+        overlap = bool(torch.isin(coarse, fine).any())
+        assert overlap is expect_overlap
+        assert (coarse.diff() > 0).all() and int(coarse.min()) > int(fine.max()) or not offset

@@ -247,3 +247,27 @@ def test_config_round_trip():
     assert QuantConfig(method="uniform", a_bits=2).a_bits == 2
     with pytest.raises(ValueError, match="unknown QuantConfig fields"):
         QuantConfig.from_dict({"bits": 8})
+
+
+def test_post_ln_two_scale_ablation(tiny_vit, images):
+    """Beyond the paper: qkv and fc1 inputs get O-2SF; proj and head inputs stay uniform."""
+    from quant.quantizers import ChannelPow2Quantizer, UniformQuantizer
+
+    q = quantize(tiny_vit, images, QuantConfig(post_ln_two_scale=True, **FAST))
+    blk = q.model.blocks[0]
+    assert isinstance(blk.attn.qkv.input_q, ChannelPow2Quantizer)
+    assert isinstance(blk.mlp.fc1.input_q, ChannelPow2Quantizer)
+    assert isinstance(blk.attn.proj.input_q, UniformQuantizer)
+    assert isinstance(q.model.head.input_q, UniformQuantizer)
+    plain = quantize(tiny_vit, images, QuantConfig(**FAST))
+    assert isinstance(plain.model.blocks[0].attn.qkv.input_q, UniformQuantizer)
+
+
+@pytest.mark.parametrize("method, channel_zero, shared", [
+    ("tsptq", None, False), ("ptf", None, True), ("ptf", True, False), ("tsptq", False, True)])
+def test_layernorm_zero_point_policy(tiny_vit, images, method, channel_zero, shared):
+    q = quantize(tiny_vit, images,
+                 QuantConfig(method=method, channel_zero_points=channel_zero, **FAST))
+    ln = q.model.blocks[0].norm1.input_q
+    assert ln.shared_zero is shared
+    assert (ln.zero_point.unique().numel() == 1) is shared

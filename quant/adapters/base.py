@@ -46,10 +46,12 @@ def timm_architecture_name(model: nn.Module) -> str:
     return name
 
 
-def qlinear(linear: nn.Module, factory: QuantizerFactory, input_kind: str) -> QLinear:
+def qlinear(linear: nn.Module, factory: QuantizerFactory, input_kind: str,
+            post_ln: bool = False) -> QLinear:
     if type(linear) is not nn.Linear:
         raise UnsupportedModelError(f"no quantized twin for {type(linear).__name__}")
-    return QLinear(linear, factory.activation(input_kind), factory.weight(linear.out_features))
+    input_q = factory.activation(input_kind, linear.in_features, post_ln=post_ln)
+    return QLinear(linear, input_q, factory.weight(linear.out_features))
 
 
 def _replace_children(model: nn.Module, fn) -> None:
@@ -78,7 +80,7 @@ def rewrite_transformer(model: nn.Module, factory: QuantizerFactory,
             if getattr(m, "gate", None) is not None:
                 raise UnsupportedModelError(f"gated {type(m).__name__} is not supported")
             return attention[type(m)](
-                m, qlinear(m.qkv, factory, "linear_input"),
+                m, qlinear(m.qkv, factory, "linear_input", post_ln=True),
                 qlinear(m.proj, factory, "linear_input"),
                 factory.activation("qk"), factory.activation("qk"),
                 factory.activation("value"), factory.activation("post_softmax"))
@@ -86,7 +88,7 @@ def rewrite_transformer(model: nn.Module, factory: QuantizerFactory,
             if not isinstance(m.act, nn.GELU) or not isinstance(m.norm, nn.Identity):
                 raise UnsupportedModelError(
                     f"Mlp with {type(m.act).__name__} activation / {type(m.norm).__name__} norm")
-            m.fc1 = qlinear(m.fc1, factory, "linear_input")
+            m.fc1 = qlinear(m.fc1, factory, "linear_input", post_ln=True)
             m.fc2 = qlinear(m.fc2, factory, "post_gelu")
             return m
         return None
