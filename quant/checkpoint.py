@@ -1,18 +1,24 @@
 """The quantized checkpoint: one safetensors file, never a pickle.
 
-Integer weights are stored as their codes (uint8; two 4-bit codes to a byte at 4 bits or less);
-every float tensor that is exactly representable in float16 (all scales, biases and LayerNorm
-parameters, which calibration rounds to float16 precision) as float16; everything else as it is;
-a JSON recipe and a sha256 digest of the tensors go in the metadata. Loading rebuilds the FP
-skeleton from the recipe, rewrites it with the same config and loads the tensors, so the
-reloaded model computes exactly what the calibrated one did.
+The file holds a handful of flat tensors, one per storage type: ``pack.u8`` (integer weight codes,
+two 4-bit codes to a byte at 4 bits or less), ``pack.i16`` / ``pack.i32`` (zero points, exponents,
+shifts; codes above 8 bits), ``pack.f16`` (every float tensor exactly representable in float16:
+all scales, biases and LayerNorm parameters, which calibration rounds to float16 precision) and
+``pack.f32`` (the rest). Their layout is not stored: it is the state dict of the model that the
+JSON recipe in the metadata rebuilds, in sorted key order, so a per-tensor header (which costs
+more than the biases on a small model) is not needed; the few tensors that do not fit their
+default type are listed in the recipe. A sha256 digest over the recipe and the packs detects any
+corruption. Loading rebuilds the FP skeleton, rewrites it with the same config and fills it, so
+the reloaded model computes exactly what the calibrated one did.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -26,10 +32,11 @@ from .config import QuantConfig
 from .factory import QuantizerFactory
 from .model import QuantizedModel
 from .modules import UnsupportedModelError
+from .quantizers import Quantizer
 
 FORMAT = "tsptq.v1"
-_CODES = ".codes"
-_PACKED = ".codes4"
+_DTYPES = {"u8": torch.uint8, "i16": torch.int16, "i32": torch.int32, "f16": torch.float16,
+           "f32": torch.float32}
 
 
 class CheckpointError(ValueError):
@@ -58,41 +65,70 @@ def _digest(tensors: dict[str, Tensor], recipe: str) -> str:
     return h.hexdigest()
 
 
+def _storage(key: str, value: Tensor, wide: set[str]) -> str:
+    """Which pack a (non-code) tensor lives in."""
+    if value.dtype == torch.bool:
+        return "u8"
+    if not value.is_floating_point():
+        return "i32" if key in wide else "i16"
+    return "f32" if key in wide else "f16"
+
+
+def _needs_wide(v: Tensor) -> bool:
+    """Does the tensor lose information in its default pack (int16 / float16)?"""
+    if v.dtype == torch.bool or v.numel() == 0:
+        return False
+    if v.is_floating_point():
+        return not torch.equal(v.to(torch.float16).to(v.dtype), v)
+    return int(v.min()) < -(1 << 15) or int(v.max()) >= 1 << 15
+
+
+def _code_pack(bits: int) -> tuple[str, int]:
+    """(pack, stored elements per code) of a quantizer's integer codes."""
+    if bits <= 4:
+        return "u8", 2
+    return ("u8", 1) if bits <= 8 else ("i32", 1)
+
+
 def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike,
                    metrics: dict | None = None) -> Path:
     """Write ``qmodel`` to ``path`` (a .safetensors file); ``metrics`` go into the recipe."""
     if not isinstance(qmodel, QuantizedModel):
         raise TypeError("save_quantized takes the QuantizedModel that quantize() returned")
-    state = {k: v.detach().cpu() for k, v in qmodel.model.state_dict().items()}
-    shapes: dict[str, list[int]] = {}
-    for key, (prefix, q) in integer_parameters(qmodel.model).items():
-        w = state.pop(key)
-        codes = q.codes(qmodel.model.get_parameter(key).detach()).cpu()
-        bits = q.bits
-        if bits <= 4:
-            state[key + _PACKED] = _pack4(codes)
-            shapes[key] = list(w.shape)
-        elif bits <= 8:
-            state[key + _CODES] = codes.to(torch.uint8)
-        else:
-            state[key + _CODES] = codes.to(torch.int32)
-        if q.symmetric:  # fixed by the bit width: rebuilt, not stored
-            state.pop(f"{prefix}.zero_point")
-    for k, v in list(state.items()):
-        if v.dtype == torch.float32 and torch.equal(v.to(torch.float16).to(v.dtype), v):
-            state[k] = v.to(torch.float16)  # scales, biases, LayerNorm: float16-exact
-    state = {k: v.contiguous() for k, v in state.items()}
+    model = qmodel.model
+    for name, m in model.named_modules():
+        if isinstance(m, Quantizer) and m.enabled and not bool(m.calibrated):
+            raise ValueError(f"quantizer {name} was never calibrated")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    coded = integer_parameters(model)
+    packs: dict[str, list[Tensor]] = defaultdict(list)
+    wide: set[str] = set()
+    for key in sorted(state):
+        v = state[key]
+        if key in coded:
+            q = coded[key][1]
+            codes = q.codes(model.get_parameter(key).detach()).cpu().flatten()
+            pack, per = _code_pack(q.bits)
+            packs[pack].append(_pack4(codes) if per == 2 else codes.to(_DTYPES[pack]))
+            continue
+        if key.endswith(".calibrated"):
+            continue  # equals the quantizer's ``enabled``, which the recipe's config decides
+        if _needs_wide(v):
+            wide.add(key)
+        pack = _storage(key, v, wide)
+        packs[pack].append(v.to(_DTYPES[pack]).flatten())
+    tensors = {f"pack.{k}": torch.cat(v).contiguous() for k, v in packs.items()}
     recipe = {
         "architecture": qmodel.architecture,
         "config": qmodel.config.to_dict(),
         "info": qmodel.info,
         "metrics": metrics or {},
-        "packed_shapes": shapes,
+        "wide": sorted(wide),
     }
     recipe_json = json.dumps(recipe, sort_keys=True)
-    meta = {"format": FORMAT, "recipe": recipe_json, "digest": _digest(state, recipe_json)}
+    meta = {"format": FORMAT, "recipe": recipe_json, "digest": _digest(tensors, recipe_json)}
     path = Path(path)
-    save_file(state, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 
@@ -127,42 +163,53 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> QuantizedModel:
     """Rebuild the quantized model saved by ``save_quantized``."""
     tensors, recipe = _read(path)
+    packs = {k.removeprefix("pack."): v for k, v in tensors.items()}
+    if not set(packs) <= set(_DTYPES):
+        raise CheckpointError(f"{path}: unexpected tensors {sorted(set(packs) - set(_DTYPES))}")
     try:
         config = QuantConfig.from_dict(recipe["config"])
         arch = recipe["architecture"]
         adapter = adapter_for_family(arch["family"])
         twin = adapter.rewrite(adapter.build(arch), QuantizerFactory(config)).eval()
+        wide = set(recipe.get("wide", []))
     except (KeyError, TypeError, ValueError, UnsupportedModelError) as e:
         raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {e}") from None
-    qmodel = QuantizedModel(twin, config, arch, recipe.get("info"))
-    qmodel.metrics = recipe.get("metrics", {})
     expected = twin.state_dict()
+    coded = integer_parameters(twin)
+    cursor = dict.fromkeys(packs, 0)
+
+    def take(pack: str, n: int) -> Tensor:
+        start = cursor.get(pack, 0)
+        if pack not in packs or start + n > packs[pack].numel():
+            raise CheckpointError(f"{path}: its tensors do not match the recipe's model")
+        cursor[pack] = start + n
+        return packs[pack][start:start + n]
+
     state: dict[str, Tensor] = {}
-    for k, v in tensors.items():
-        if k in expected and v.dtype == torch.float16 and expected[k].dtype != torch.float16:
-            v = v.to(expected[k].dtype)
-        state[k] = v
-    for key, (prefix, q) in integer_parameters(twin).items():
-        if q.symmetric:
-            state[f"{prefix}.zero_point"] = expected[f"{prefix}.zero_point"]
-        for buf in ("scale", "zero_point", "calibrated"):
-            bkey = f"{prefix}.{buf}"
-            if bkey not in state:
-                raise CheckpointError(f"{path}: missing tensor {bkey}")
-            setattr(q, buf, state[bkey].to(expected[bkey].dtype))
-        if key + _PACKED in state:
-            numel = expected[key].numel()
-            codes = _unpack4(state.pop(key + _PACKED), numel).reshape(expected[key].shape)
-        elif key + _CODES in state:
-            codes = state.pop(key + _CODES).to(torch.int32)
+    codes: dict[str, Tensor] = {}
+    for key in sorted(expected):
+        exp = expected[key]
+        if key in coded:
+            pack, per = _code_pack(coded[key][1].bits)
+            raw = take(pack, math.ceil(exp.numel() / per))
+            flat = _unpack4(raw, exp.numel()) if per == 2 else raw.to(torch.int32)
+            codes[key] = flat.reshape(exp.shape)
+        elif key.endswith(".calibrated"):
+            owner = twin.get_submodule(key.rsplit(".", 1)[0])
+            state[key] = torch.tensor(bool(owner.enabled))
         else:
-            raise CheckpointError(f"{path}: missing integer codes of {key}")
-        if tuple(codes.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{path}: {key} has shape {tuple(codes.shape)}, the recipe's "
-                                  f"model wants {tuple(expected[key].shape)}")
-        state[key] = q.dequantize(codes, expected[key])
+            state[key] = take(_storage(key, exp, wide), exp.numel()).reshape(exp.shape).to(
+                exp.dtype)
+    if any(cursor[p] != packs[p].numel() for p in packs):
+        raise CheckpointError(f"{path}: its tensors do not match the recipe's model")
+    for key, (prefix, q) in coded.items():
+        q.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items()
+                           if k.startswith(prefix + ".")})
+        state[key] = q.dequantize(codes[key], expected[key])
     try:
         twin.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: tensors do not match the recipe's model: {e}") from None
+    qmodel = QuantizedModel(twin, config, arch, recipe.get("info"))
+    qmodel.metrics = recipe.get("metrics", {})
     return qmodel.to(device).eval()
