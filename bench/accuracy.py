@@ -7,8 +7,9 @@ Prints (1) top-1, agreement with FP32, KL and calibration seconds (one thread) p
 (3) calibration seconds of timm ``deit_tiny_patch16_224`` (random weights) at 224×224 with
 32 images, per method, and (4) the issue's targets, each PASS or FAIL.
 
-With ``--model NAME --pretrained --data DIR`` the same benchmark runs on any supported timm model
-and an ImageFolder directory (DIR/train for calibration, DIR/val for evaluation), e.g. ImageNet.
+With ``--model NAME --weights pretrained|FILE --data DIR`` the same benchmark runs on any
+supported timm model and an ImageFolder directory (DIR/train for calibration, DIR/val for
+evaluation), e.g. ImageNet.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from quant import QuantConfig, quantize
 from quant.evaluate import compare, logits_of
 from quant.zoo.data import EvalData, digits_data, image_folder_data
+from quant.zoo.models import load_model
 
 METHODS = ("uniform", "twin", "ptf", "tsptq")
 SETTINGS = ("full", "partial")
@@ -34,7 +36,7 @@ SQNR_KINDS = ("post_softmax", "post_gelu", "ln_input", "linear_input", "weight")
 # Each a change to tsptq's default config (or to a baseline), fully quantized.
 ABLATIONS = (
     ("tsptq (V-2SF + O-2SF, defaults)", {}),
-    ("tsptq, V-2SF coarse grid from zero (as the paper)", {"coarse_offset": False}),
+    ("tsptq + V-2SF coarse offset", {"coarse_offset": True}),
     ("tsptq + O-2SF on post-LN (qkv, fc1 inputs)", {"post_ln_two_scale": True}),
     ("tsptq, sorted-split outlier rule", {"outlier_rule": "sorted_split"}),
     ("tsptq, MSE metric", {"metric": "mse"}),
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the rows here")
     p.add_argument("--model", default="digits_vit", help="timm model name (default: digits_vit)")
-    p.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights")
+    p.add_argument("--weights", default="pretrained",
+                   help="pretrained (default), random, or a local .safetensors/.pth file")
     p.add_argument("--data", type=Path,
                    help="ImageFolder root with train/ and val/ (default: digits)")
     p.add_argument("--metric", default=QuantConfig().metric, choices=("mse", "cosine", "hessian"))
@@ -151,12 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # calibration seconds are reported for one thread
-    if args.data is None:
-        model = timm.create_model("digits_vit", pretrained=True).eval()
-        data = digits_data()
-    else:
-        model = timm.create_model(args.model, pretrained=args.pretrained).eval()
-        data = image_folder_data(args.data, model)
+    model = load_model(args.model, args.weights)
+    data = digits_data() if args.data is None else image_folder_data(args.data, model)
     model = model.to(args.device)
     rows, sqnr_rows = run_grid(model, data, args.metric)
     print(f"\n## Accuracy ({args.model}, {len(data.y_test)} test images, metric {args.metric})\n")

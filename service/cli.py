@@ -1,7 +1,8 @@
 """The ``tsptq`` command line.
 
-    tsptq quantize [--model digits_vit] [--methods tsptq,uniform,twin,ptf] [--widths 8/8,4/4]
-                   [--setting full] [--out out/digits_vit_tsptq_w8a8.safetensors]
+    tsptq quantize [--model digits_vit] [--weights pretrained|random|FILE] [--data DIR]
+                   [--methods tsptq,uniform,twin,ptf] [--widths 8/8,6/6,4/4] [--setting full]
+                   [--out out/digits_vit_tsptq_w8a8.safetensors]
 
 ``quantize`` runs the library with no service: loads the model (the bundled digits ViT by
 default), calibrates every method at every width with a progress bar, prints the accuracy table,
@@ -31,13 +32,13 @@ def _widths(text: str) -> list[tuple[int, int]]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import timm
     import torch
     from tqdm import tqdm
 
     from quant import METHODS, QuantConfig, load_quantized, quantize, save_quantized
     from quant.evaluate import compare, logits_of
     from quant.zoo.data import digits_data, image_folder_data
+    from quant.zoo.models import load_model
 
     methods = [m.strip() for m in args.methods.split(",")]
     bad = [m for m in methods if m not in METHODS]
@@ -47,9 +48,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         configs = [QuantConfig(method=m, w_bits=w, a_bits=a, setting=args.setting)
                    for (w, a) in args.widths for m in methods]
-        pretrained = args.pretrained or args.model == "digits_vit"
-        model = timm.create_model(args.model, pretrained=pretrained)
-    except (ValueError, RuntimeError) as e:
+        model = load_model(args.model, args.weights)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"tsptq: {e}", file=sys.stderr)
         return EXIT_USAGE
     model.eval()
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model with the library, no service")
     q.add_argument("--model", default="digits_vit", help="timm model name (default: digits_vit)")
-    q.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
+    q.add_argument("--weights", default="pretrained",
+                   help="pretrained (default; the bundled file for digits_vit), random, or a "
+                        "local .safetensors/.pth file")
     q.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/")
     q.add_argument("--methods", default="tsptq,uniform,twin,ptf")
     q.add_argument("--widths", type=_widths, default=_widths("8/8,6/6,4/4"))

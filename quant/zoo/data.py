@@ -43,7 +43,11 @@ def image_folder_data(root: str | Path, model: nn.Module, calib_size: int = 32, 
         if not (root / part).is_dir():
             raise FileNotFoundError(f"{root / part} is not a directory (expected ImageFolder "
                                     "layout: ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
-    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    cfg = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # the size the model was built for, not its pretrained default
+        cfg["input_size"] = (cfg["input_size"][0], *img_size)
+    transform = create_transform(**cfg, is_training=False)
     train = ImageFolder(str(root / "train"), transform=transform)
     val = ImageFolder(str(root / "val"), transform=transform)
     if len(train) == 0 or len(val) == 0:

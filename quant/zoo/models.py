@@ -1,0 +1,33 @@
+"""Making a model by timm name, with random, pretrained or local-file weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+from torch import nn
+
+
+def load_model(name: str, weights: str | Path = "pretrained", **kwargs) -> nn.Module:
+    """``weights``: ``"random"``; ``"pretrained"`` (timm's loader: the bundled file for
+    ``digits_vit``, the hub for timm's own models where it can be reached); or the path of a local
+    checkpoint (safetensors, or a PyTorch file read with ``weights_only=True``: never unpickled)."""
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        raise ValueError(f"unknown timm model {name!r}")
+    if weights == "random":
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    elif weights == "pretrained":
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} does not exist")
+        from timm.models import load_checkpoint
+
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            load_checkpoint(model, str(path), weights_only=True)
+        except Exception as e:  # torch/safetensors raise many types for a bad file
+            raise ValueError(f"cannot load weights for {name} from {path}: "
+                             f"{type(e).__name__}: {str(e)[:300]}") from None
+    return model.eval()
