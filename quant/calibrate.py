@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import QuantConfig
-from .modules import Capture, QConv2d, QLinear, QuantModule
+from .modules import Capture, QuantModule, QWeighted
 from .quantizers import UniformQuantizer
 
 Progress = Callable[[int, int, str], None]
@@ -87,7 +87,7 @@ def integer_parameters(model: nn.Module) -> dict[str, tuple[str, UniformQuantize
     """Parameters that the quantized model holds as integer codes:
     parameter name -> (its quantizer's state-dict prefix, the quantizer)."""
     out = {f"{n}.weight": (f"{n}.weight_q", m.weight_q) for n, m in model.named_modules()
-           if isinstance(m, QLinear | QConv2d)}
+           if isinstance(m, QWeighted)}
     out.update({name: (f"{PARAM_QUANTIZERS}.{name.replace('.', '__')}", q)
                 for name, q in param_quantizers(model).items()})
     return {k: v for k, v in out.items() if v[1].enabled}

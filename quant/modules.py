@@ -61,6 +61,14 @@ class QuantModule(nn.Module):
     def release(self) -> None:
         self.stats = {}
 
+    def _calibrate_input(self, loss, config: QuantConfig) -> None:
+        """Search the input quantizer on the captured rows; per-channel quantizers also get each
+        channel's min and max over *all* calibration tokens."""
+        per_channel = {}
+        if isinstance(self.input_q, ChannelPow2Quantizer):
+            per_channel = {"lo": self.stats["lo"], "hi": self.stats["hi"]}
+        self.input_q.calibrate(self.stats["x"], loss, config.search_points, **per_channel)
+
     def _grad_hook(self, out: Tensor, key: str, index) -> None:
         if self.capture is None or not self.capture.grads or not out.requires_grad:
             return
@@ -75,8 +83,51 @@ def _enabled(q: Quantizer) -> bool:
     return q.enabled
 
 
-class QLinear(QuantModule):
-    """Linear with a per-output-channel symmetric weight quantizer and an input quantizer."""
+class QWeighted(QuantModule):
+    """A layer with a weight: per-output-channel symmetric weight quantizer, input quantizer.
+
+    Weights are searched first (per channel, on the output error they cause alone), then the
+    input quantizer against the FP output with the quantized weights in place.
+    """
+
+    input_q: Quantizer
+    weight_q: UniformQuantizer
+
+    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _capture(self, x: Tensor):
+        """Keep a sample of ``x``; return how to pick the same sample from the output's grad."""
+        raise NotImplementedError
+
+    def _weight_sample(self, x: Tensor) -> Tensor:
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        index = self._capture(x) if self.capture is not None else None
+        out = self._op(self.input_q(x), self.weight_q(self.weight), self.bias)
+        if index is not None:
+            self._grad_hook(out, "g", index)
+        return out
+
+    def calibrate(self, config: QuantConfig) -> None:
+        x, g = self.stats["x"], self.stats.get("g")
+        w = self.weight.detach()
+        b = None if self.bias is None else self.bias.detach()
+        if _enabled(self.weight_q):
+            xw = self._weight_sample(x)
+            gw = None if g is None else g[: len(xw)]
+            self.weight_q.calibrate(w, None, config.search_points, channel_loss=channel_output_loss(
+                config.metric, lambda wq: self._op(xw, wq - w, None), gw))
+        w_hat = self.weight_q(w)
+        if _enabled(self.input_q):
+            loss = output_loss(config.metric, lambda xq: self._op(xq, w_hat, b),
+                               self._op(x, w, b), g)
+            self._calibrate_input(loss, config)
+
+
+class QLinear(QWeighted):
+    """Linear: activations sampled by rows (tokens)."""
 
     def __init__(self, linear: nn.Linear, input_q: Quantizer, weight_q: UniformQuantizer) -> None:
         super().__init__()
@@ -86,38 +137,21 @@ class QLinear(QuantModule):
         self.input_q = input_q
         self.weight_q = weight_q
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.capture is not None:
-            x2 = x.detach().reshape(-1, self.in_features)
-            idx = sample_rows(x2, self.capture.rows, self.capture.generator)
-            self.stats.update(x=x2[idx], lo=x2.amin(0), hi=x2.amax(0))
-        out = F.linear(self.input_q(x), self.weight_q(self.weight), self.bias)
-        if self.capture is not None:
-            self._grad_hook(out, "g", lambda g: g.reshape(-1, self.out_features)[idx])
-        return out
+    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.linear(x, w, b)
 
-    def calibrate(self, config: QuantConfig) -> None:
-        x, g = self.stats["x"], self.stats.get("g")
-        w = self.weight.detach()
-        b = None if self.bias is None else self.bias.detach()
-        if _enabled(self.weight_q):
-            xw = x[: min(len(x), 512)]
-            gw = None if g is None else g[: len(xw)]
-            self.weight_q.calibrate(w, None, config.search_points, channel_loss=channel_output_loss(
-                config.metric, lambda wq: F.linear(xw, wq - w), gw))
-        w_hat = self.weight_q(w)
-        if _enabled(self.input_q):
-            loss = output_loss(config.metric, lambda xq: F.linear(xq, w_hat, b),
-                               F.linear(x, w, b), g)
-            if isinstance(self.input_q, ChannelPow2Quantizer):
-                self.input_q.calibrate(x, loss, config.search_points,
-                                       lo=self.stats["lo"], hi=self.stats["hi"])
-            else:
-                self.input_q.calibrate(x, loss, config.search_points)
+    def _capture(self, x: Tensor):
+        x2 = x.detach().reshape(-1, self.in_features)
+        idx = sample_rows(x2, self.capture.rows, self.capture.generator)
+        self.stats.update(x=x2[idx], lo=x2.amin(0), hi=x2.amax(0))
+        return lambda g: g.reshape(-1, self.out_features)[idx]
+
+    def _weight_sample(self, x: Tensor) -> Tensor:
+        return x[:512]  # the weight search is per channel and needs fewer rows
 
 
-class QConv2d(QuantModule):
-    """The patch-embedding convolution: quantized weights and quantized image input."""
+class QConv2d(QWeighted):
+    """The patch-embedding convolution: activations sampled by whole images."""
 
     def __init__(self, conv: nn.Conv2d, input_q: Quantizer, weight_q: UniformQuantizer) -> None:
         super().__init__()
@@ -129,30 +163,13 @@ class QConv2d(QuantModule):
         self.input_q = input_q
         self.weight_q = weight_q
 
-    def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.capture is not None:
-            n = max(1, min(len(x), self.capture.elements // max(1, x[0].numel())))
-            self.stats["x"] = x.detach()[:n]
-        out = self._conv(self.input_q(x), self.weight_q(self.weight), self.bias)
-        if self.capture is not None:
-            self._grad_hook(out, "g", lambda g: g[:n])
-        return out
-
-    def calibrate(self, config: QuantConfig) -> None:
-        x, g = self.stats["x"], self.stats.get("g")
-        w = self.weight.detach()
-        b = None if self.bias is None else self.bias.detach()
-        if _enabled(self.weight_q):
-            self.weight_q.calibrate(w, None, config.search_points, channel_loss=channel_output_loss(
-                config.metric, lambda wq: self._conv(x, wq - w, None), g))
-        w_hat = self.weight_q(w)
-        if _enabled(self.input_q):
-            target = self._conv(x, w, b)
-            loss = output_loss(config.metric, lambda xq: self._conv(xq, w_hat, b), target, g)
-            self.input_q.calibrate(x, loss, config.search_points)
+    def _capture(self, x: Tensor):
+        n = max(1, min(len(x), self.capture.elements // max(1, x[0].numel())))
+        self.stats["x"] = x.detach()[:n]
+        return lambda g: g[:n]
 
 
 class QLayerNorm(QuantModule):
@@ -192,11 +209,7 @@ class QLayerNorm(QuantModule):
                 return F.layer_norm(xq, self.normalized_shape, w, b, self.eps)
 
             loss = output_loss(config.metric, consumer, consumer(x), g)
-            if isinstance(self.input_q, ChannelPow2Quantizer):
-                self.input_q.calibrate(x, loss, config.search_points,
-                                       lo=self.stats["lo"], hi=self.stats["hi"])
-            else:
-                self.input_q.calibrate(x, loss, config.search_points)
+            self._calibrate_input(loss, config)
 
 
 class QAttention(QuantModule):
