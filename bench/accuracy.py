@@ -83,8 +83,7 @@ def run_ablations(model: torch.nn.Module, data: EvalData, metric: str) -> list[d
         sqnr = read()
         rows.append({"variant": name, "w_bits": wb, "a_bits": ab, "top1": round(res.top1, 4),
                      "agreement": round(res.agreement, 4), "kl": float(f"{res.kl:.3g}"),
-                     "ln_input_sqnr": round(sqnr["ln_input"], 2),
-                     "linear_input_sqnr": round(sqnr["linear_input"], 2)})
+                     **{f"{k}_sqnr": round(sqnr[k], 2) for k in SQNR_KINDS[:4]}})
     return rows
 
 
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ablations = run_ablations(model, data, args.metric)
     print("\n## Ablations (fully quantized)\n")
     print(table(ablations, ["variant", "w_bits", "a_bits", "top1", "agreement", "kl",
-                            "ln_input_sqnr", "linear_input_sqnr"]))
+                            *(f"{k}_sqnr" for k in SQNR_KINDS[:4])]))
     deit = [] if args.skip_deit else deit_calibration_seconds(args.device)
     if deit:
         print("\n## Calibration seconds, deit_tiny_patch16_224 (random weights), 32 images, "

@@ -43,6 +43,7 @@ def collect_statistics(model: nn.Module, images: Tensor, config: QuantConfig) ->
             m.capture = None
 
 
+@torch.no_grad()
 def calibrate_modules(model: nn.Module, config: QuantConfig,
                       progress: Progress | None = None) -> None:
     modules = quant_modules(model)

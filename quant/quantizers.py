@@ -54,12 +54,14 @@ class Quantizer(nn.Module):
     """Base class. Subclasses implement ``codes``, ``integer`` and ``step``."""
 
     scheme: str = "base"
+    # Search parameters a caller may pin (``restrict``), e.g. a search strategy's candidate.
+    restrictable: frozenset[str] = frozenset()
 
     def __init__(self, bits: int) -> None:
         super().__init__()
-        if not 2 <= int(bits) <= 16:
-            raise ValueError(f"bits must be in [2, 16], got {bits}")
-        self.bits = int(bits)
+        self.bits = 0
+        self.set_bits(bits)
+        self.restrict: dict = {}
         self.enabled = True
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         # Optional SQNR probe: accumulated signal and noise power over forward passes.
@@ -68,6 +70,18 @@ class Quantizer(nn.Module):
     @property
     def levels(self) -> int:
         return 1 << self.bits
+
+    def set_bits(self, bits: int) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f"bits must be an integer in [2, 16], got {bits!r}")
+        self.bits = bits
+
+    def set_restrict(self, params: dict) -> None:
+        unknown = set(params) - self.restrictable
+        if unknown:
+            raise ValueError(f"{self.scheme} quantizer: cannot pin {sorted(unknown)}; "
+                             f"it accepts {sorted(self.restrictable)}")
+        self.restrict = dict(params)
 
     def codes(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -118,11 +132,12 @@ class UniformQuantizer(Quantizer):
     """
 
     scheme = "uniform"
+    restrictable = frozenset({"alpha"})  # the clipping fraction of the min-max range
 
     def __init__(self, bits: int, symmetric: bool = False, axis: int | None = None,
                  channels: int = 1) -> None:
-        super().__init__(bits)
         self.symmetric = symmetric
+        super().__init__(bits)
         self.axis = axis
         n = channels if axis is not None else 1
         self.register_buffer("scale", torch.ones(n))
@@ -131,6 +146,11 @@ class UniformQuantizer(Quantizer):
 
     def _sym_zero(self) -> int:
         return 1 << (self.bits - 1)
+
+    def set_bits(self, bits: int) -> None:
+        super().set_bits(bits)
+        if self.symmetric and hasattr(self, "zero_point"):
+            self.zero_point.fill_(self._sym_zero())
 
     def codes(self, x: Tensor) -> Tensor:
         s = _bcast(self.scale, x, self.axis)
@@ -142,6 +162,9 @@ class UniformQuantizer(Quantizer):
 
     def step(self, x: Tensor) -> Tensor:
         return _bcast(self.scale, x, self.axis)
+
+    def _alphas(self, points: int, low: float) -> list[float]:
+        return [float(self.restrict["alpha"])] if "alpha" in self.restrict else _grid(points, low)
 
     def set_from_range(self, lo: Tensor, hi: Tensor, alpha: float | Tensor = 1.0) -> None:
         """Scale and zero point covering [lo, hi] shrunk by ``alpha`` (per channel when vectors)."""
@@ -172,7 +195,7 @@ class UniformQuantizer(Quantizer):
             best_err = torch.full_like(lo, float("inf"))
             best_alpha = torch.ones_like(lo)
             assert channel_loss is not None, "per-channel calibration needs a channel loss"
-            for a in _grid(points, 0.3):
+            for a in self._alphas(points, 0.3):
                 self.set_from_range(lo, hi, a)
                 err = channel_loss(self.fake_quant(x))
                 better = err < best_err
@@ -182,7 +205,7 @@ class UniformQuantizer(Quantizer):
             return
         lo, hi = x.min(), x.max()
         best = (float("inf"), 1.0)
-        for a in _grid(points):
+        for a in self._alphas(points, 0.05):
             self.set_from_range(lo, hi, a)
             err = float(loss(self.fake_quant(x)))
             if err < best[0]:
@@ -222,14 +245,13 @@ class TwoScaleValueQuantizer(Quantizer):
     """
 
     scheme = "v2sf"
+    restrictable = frozenset({"shift"})  # m: with the range, it fixes the split threshold τ
 
     def __init__(self, bits: int, region_rule: str = "value", signed: bool = False,
                  coarse_offset: bool = False) -> None:
         super().__init__(bits)
         if region_rule not in ("value", "sign"):
             raise ValueError(f"unknown region rule {region_rule!r}")
-        if bits < 3:
-            raise ValueError("a two-scale quantizer needs at least 3 bits")
         self.region_rule = region_rule
         self.signed = signed  # True for post-GELU (a negative tail), False for post-Softmax
         self.coarse_offset = coarse_offset and region_rule == "value"
@@ -240,6 +262,11 @@ class TwoScaleValueQuantizer(Quantizer):
     @property
     def payload_max(self) -> int:
         return (1 << (self.bits - 1)) - 1
+
+    def set_bits(self, bits: int) -> None:
+        if isinstance(bits, int) and bits < 3:
+            raise ValueError("a two-scale quantizer needs at least 3 bits")
+        super().set_bits(bits)
 
     def _coarse_start(self, shift: int, zero_point: int) -> int:
         """c: the coarse payload's offset (0 without ``coarse_offset``)."""
@@ -325,6 +352,9 @@ class TwoScaleValueQuantizer(Quantizer):
                     s = top / (self.payload_max << m)
                     c = self._coarse_start(m, self._zero_for(s, x_min))
                     candidates.append((top / ((c + self.payload_max) << m), m))
+        if "shift" in self.restrict:  # keep each candidate's coarse step S = s·2^m, pin m
+            pinned = int(self.restrict["shift"])
+            candidates = sorted({(s * 2.0 ** (m - pinned), pinned) for s, m in candidates})
         for scale, m in candidates:
             self.set_params(scale, m, self._zero_for(scale, x_min))
             err = float(loss(self.fake_quant(x)))
@@ -357,6 +387,8 @@ class ChannelPow2Quantizer(Quantizer):
     """
 
     scheme = "pow2"
+    # O-2SF's outlier threshold T (× the median channel range) and outlier exponent k.
+    restrictable = frozenset({"threshold", "exponent"})
 
     def __init__(self, bits: int, channels: int, rule: str = "o2sf",
                  outlier_rule: str = "threshold", shared_zero: bool = False) -> None:
@@ -413,7 +445,9 @@ class ChannelPow2Quantizer(Quantizer):
             self._calibrate_ptf(x2, lo, hi, half)
             return
         order = torch.argsort(half)
-        if self.outlier_rule == "threshold":
+        if "threshold" in self.restrict:
+            masks = [half > float(self.restrict["threshold"]) * half.median()]
+        elif self.outlier_rule == "threshold":
             med = half.median()
             masks = [half > t * med for t in thresholds]
         else:  # splits of the sorted ranges (every one, or max_splits evenly spaced ones)
@@ -424,7 +458,8 @@ class ChannelPow2Quantizer(Quantizer):
                 m = torch.zeros_like(half, dtype=torch.bool)
                 m[order[c - n_out:]] = True
                 masks.append(m)
-        masks = [torch.zeros_like(half, dtype=torch.bool)] + masks
+        if "threshold" not in self.restrict:
+            masks = [torch.zeros_like(half, dtype=torch.bool)] + masks
         seen: set[bytes] = set()
         best: tuple[float, tuple] = (float("inf"), ())
         n_alpha = max(4, points // 5)
@@ -440,6 +475,8 @@ class ChannelPow2Quantizer(Quantizer):
                              for d in (-1, 0, 1)})
             else:
                 ks = [0]
+            if "exponent" in self.restrict and mask.any():
+                ks = [int(self.restrict["exponent"])]
             for k in ks:
                 exp = mask.to(torch.int32) * k
                 for a in _grid(n_alpha, 0.4):
@@ -477,8 +514,8 @@ class Log2Quantizer(Quantizer):
 
     scheme = "log2"
 
-    def __init__(self, bits: int) -> None:
-        super().__init__(bits)
+    def set_bits(self, bits: int) -> None:
+        super().set_bits(bits)
         # Integer operand range limited to 30 bits so the shift fits int32; smaller values -> 0.
         self.exp_max = min(self.levels - 2, 30)
 
