@@ -29,7 +29,7 @@ from torch import Tensor
 from .adapters import adapter_for_family
 from .calibrate import integer_parameters
 from .config import QuantConfig
-from .factory import QuantizerFactory
+from .factory import QuantizerFactory, apply_overrides
 from .model import QuantizedModel
 from .modules import UnsupportedModelError
 from .quantizers import Quantizer
@@ -171,6 +171,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         arch = recipe["architecture"]
         adapter = adapter_for_family(arch["family"])
         twin = adapter.rewrite(adapter.build(arch), QuantizerFactory(config)).eval()
+        apply_overrides(twin, config)
         wide = set(recipe.get("wide", []))
     except (KeyError, TypeError, ValueError, UnsupportedModelError) as e:
         raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {e}") from None

@@ -67,6 +67,12 @@ class QuantConfig:
     disabled: frozenset[str] = field(default_factory=frozenset)
     # Bits of the image input: pixels are 8-bit data already, as in FQ-ViT and RepQ-ViT.
     image_bits: int = 8
+    # Per-quantizer overrides, keyed by the quantizer's name in the model (the names
+    # ``QuantizedModel.quantizers()`` yields, e.g. "blocks.0.attn.qkv.weight_q"): its bit width,
+    # and search parameters pinned to one value (e.g. {"shift": 3} for V-2SF, {"threshold": 4.0,
+    # "exponent": 3} for O-2SF, {"alpha": 0.9} for uniform). A search strategy's candidate is one.
+    bit_overrides: dict[str, int] = field(default_factory=dict, hash=False)
+    pinned: dict[str, dict] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,6 +94,13 @@ class QuantConfig:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         object.__setattr__(self, "disabled", frozenset(self.disabled))
+        for name, bits in self.bit_overrides.items():
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+                raise ValueError(f"bit_overrides[{name!r}] must be an integer in [2, 16], "
+                                 f"got {bits!r}")
+        for name, params in self.pinned.items():
+            if not isinstance(params, dict):
+                raise ValueError(f"pinned[{name!r}] must be a mapping of parameter to value")
         unknown = set(self.disabled) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown tensor kinds {sorted(unknown)}; known: {KINDS}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from .config import QuantConfig
 from .quantizers import (
     ChannelPow2Quantizer,
@@ -66,3 +68,17 @@ class QuantizerFactory:
         else:
             q = UniformQuantizer(bits)
         return self._tag(q, kind)
+
+
+def apply_overrides(model: nn.Module, config: QuantConfig) -> None:
+    """Set per-quantizer bit widths and pinned search parameters named in ``config``."""
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
+    unknown = sorted((set(config.bit_overrides) | set(config.pinned)) - set(quantizers))
+    if unknown:
+        example = next(iter(quantizers), "")
+        raise ValueError(f"no quantizer named {unknown[:3]} in this model "
+                         f"(names look like {example!r})")
+    for name, bits in config.bit_overrides.items():
+        quantizers[name].set_bits(bits)
+    for name, params in config.pinned.items():
+        quantizers[name].set_restrict(params)

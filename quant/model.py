@@ -22,7 +22,7 @@ from .calibrate import (
     tensor_digest,
 )
 from .config import QuantConfig
-from .factory import QuantizerFactory
+from .factory import QuantizerFactory, apply_overrides
 from .metrics import sqnr_db
 from .quantizers import Quantizer
 
@@ -102,7 +102,9 @@ def quantize(model: nn.Module, calib_images: Tensor, config: QuantConfig | None 
     architecture = adapter.architecture(model)
     device = next(model.parameters()).device
     # Quantizers are born on the CPU: move the whole twin to the model's device.
-    twin = adapter.rewrite(copy.deepcopy(model).eval(), QuantizerFactory(config)).to(device)
+    twin = adapter.rewrite(copy.deepcopy(model).eval(), QuantizerFactory(config))
+    apply_overrides(twin, config)
+    twin = twin.to(device)
     images = calib_images[: config.calib_size].to(device)
     start = time.perf_counter()
     try:

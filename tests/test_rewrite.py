@@ -271,3 +271,39 @@ def test_layernorm_zero_point_policy(tiny_vit, images, method, channel_zero, sha
     ln = q.model.blocks[0].norm1.input_q
     assert ln.shared_zero is shared
     assert (ln.zero_point.unique().numel() == 1) is shared
+
+
+def test_bit_overrides_and_pinned_parameters(tiny_vit, images, tmp_path):
+    """Mixed precision and pinned search parameters, and an exact checkpoint round trip."""
+    from quant import load_quantized, save_quantized
+
+    cfg = QuantConfig(
+        bit_overrides={"blocks.0.attn.qkv.weight_q": 4, "blocks.1.mlp.fc2.input_q": 6},
+        pinned={"blocks.0.attn.a_q": {"shift": 2}, "blocks.0.norm1.input_q":
+                {"threshold": 1.5, "exponent": 3}, "head.input_q": {"alpha": 0.9}}, **FAST)
+    q = quantize(tiny_vit, images, cfg)
+    qs = dict(q.quantizers())
+    assert qs["blocks.0.attn.qkv.weight_q"].bits == 4
+    assert qs["blocks.0.attn.proj.weight_q"].bits == 8
+    assert qs["blocks.1.mlp.fc2.input_q"].bits == 6
+    assert int(qs["blocks.0.attn.a_q"].shift) == 2
+    assert set(qs["blocks.0.norm1.input_q"].exponent.tolist()) <= {0, 3}
+    path = save_quantized(q, tmp_path / "mixed.safetensors")
+    loaded = load_quantized(path)
+    assert dict(loaded.quantizers())["blocks.0.attn.qkv.weight_q"].bits == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(images), q(images))
+    plain = quantize(tiny_vit, images, QuantConfig(**FAST))
+    with torch.no_grad():
+        assert not torch.equal(plain(images), q(images))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"bit_overrides": {"blocks.9.nope": 4}}, "no quantizer named"),
+    ({"bit_overrides": {"blocks.0.attn.qkv.weight_q": 1}}, "must be an integer"),
+    ({"bit_overrides": {"blocks.0.attn.a_q": 2}}, "at least 3 bits"),
+    ({"pinned": {"blocks.0.attn.a_q": {"alpha": 1.0}}}, "cannot pin"),
+])
+def test_bad_overrides(tiny_vit, images, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        quantize(tiny_vit, images, QuantConfig(**overrides, **FAST))
