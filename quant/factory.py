@@ -25,23 +25,33 @@ class QuantizerFactory:
         q.enabled = self.config.enabled(kind)
         return q
 
+    def bits_for(self, kind: str) -> int:
+        """The bit width a kind gets before per-quantizer overrides."""
+        if kind == "weight":
+            return self.config.w_bits
+        if kind == "embedding":
+            return 8
+        return self.config.image_bits if kind == "image" else self.config.a_bits
+
     def weight(self, out_channels: int) -> UniformQuantizer:
-        q = UniformQuantizer(self.config.w_bits, symmetric=True, axis=0, channels=out_channels)
+        q = UniformQuantizer(self.bits_for("weight"), symmetric=True, axis=0,
+                             channels=out_channels)
         return self._tag(q, "weight")
 
     def embedding(self, channels: int) -> UniformQuantizer:
         """Position embeddings and class tokens: parameters the first LayerNorm consumes. 8 bits
         at every width, as biases stay 32-bit: they are a negligible share of the model."""
-        q = UniformQuantizer(8, symmetric=True, axis=-1, channels=channels)
+        q = UniformQuantizer(self.bits_for("embedding"), symmetric=True, axis=-1,
+                             channels=channels)
         return self._tag(q, "embedding")
 
     def activation(self, kind: str, channels: int | None = None,
                    post_ln: bool = False) -> Quantizer:
         """``post_ln``: the tensor is a LayerNorm's output (the input of qkv or fc1)."""
-        cfg, method, bits = self.config, self.config.method, self.config.a_bits
+        cfg, method, bits = self.config, self.config.method, self.bits_for(kind)
         q: Quantizer
         if kind == "image":
-            q = UniformQuantizer(cfg.image_bits)
+            q = UniformQuantizer(bits)
         elif kind == "post_softmax" and method in ("tsptq", "twin"):
             q = TwoScaleValueQuantizer(bits, region_rule="value", signed=False,
                                        coarse_offset=method == "tsptq" and cfg.coarse_offset)

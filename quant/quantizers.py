@@ -400,6 +400,7 @@ class ChannelPow2Quantizer(Quantizer):
         self.rule = rule
         self.outlier_rule = outlier_rule
         self.shared_zero = shared_zero
+        self.chosen_threshold: float | None = None  # T of the winning candidate (not saved)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("exponent", torch.zeros(channels, dtype=torch.int32))
         self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
@@ -441,15 +442,19 @@ class ChannelPow2Quantizer(Quantizer):
         lo = x2.amin(0) if lo is None else lo.to(x2)
         hi = x2.amax(0) if hi is None else hi.to(x2)
         half = ((hi - lo) / 2).clamp_min(1e-8)
+        self.chosen_threshold = None
         if self.rule == "ptf":
             self._calibrate_ptf(x2, lo, hi, half)
             return
         order = torch.argsort(half)
+        labels: dict[bytes, float] = {}
         if "threshold" in self.restrict:
-            masks = [half > float(self.restrict["threshold"]) * half.median()]
-        elif self.outlier_rule == "threshold":
+            thresholds = (float(self.restrict["threshold"]),)
+        if "threshold" in self.restrict or self.outlier_rule == "threshold":
             med = half.median()
             masks = [half > t * med for t in thresholds]
+            for t, m in zip(thresholds, masks, strict=True):
+                labels.setdefault(m.cpu().numpy().tobytes(), t)
         else:  # splits of the sorted ranges (every one, or max_splits evenly spaced ones)
             c = half.numel()
             masks = []
@@ -485,6 +490,7 @@ class ChannelPow2Quantizer(Quantizer):
                     err = float(loss(self.fake_quant(x)))
                     if err < best[0]:
                         best = (err, (s, exp))
+                        self.chosen_threshold = labels.get(key)
         self.set_params(best[1][0], best[1][1], lo, hi)
 
     def _calibrate_ptf(self, x2: Tensor, lo: Tensor, hi: Tensor, half: Tensor) -> None:

@@ -1,0 +1,190 @@
+"""The search space: what a candidate may change in a quantized model, and what it costs.
+
+A ``Candidate`` is a set of per-quantizer overrides (bit widths, pinned search parameters) on top
+of a base ``QuantConfig``; it is JSON-serialisable and has a stable key, so a worker, a database
+row and a report can all name the same candidate. ``SearchSpace.from_model`` measures, once, what
+each quantizer handles per image, which is what the budgets (mean bits, weight bytes, BitOPs)
+are computed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from quant import QuantConfig, QuantizedModel
+from quant.factory import QuantizerFactory
+from quant.modules import QAttention, QWeighted
+from quant.quantizers import ChannelPow2Quantizer, Quantizer, TwoScaleValueQuantizer
+
+Params = tuple[tuple[str, float], ...]
+
+
+def _freeze(d: dict) -> tuple:
+    return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in d.items()))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Per-quantizer overrides, keyed by quantizer name (sorted tuples: hashable, canonical)."""
+
+    bits: tuple[tuple[str, int], ...] = ()
+    pinned: tuple[tuple[str, Params], ...] = ()
+
+    @classmethod
+    def make(cls, bits: dict[str, int] | None = None,
+             pinned: dict[str, dict] | None = None) -> Candidate:
+        return cls(_freeze(bits or {}), _freeze(pinned or {}))
+
+    def to_dict(self) -> dict:
+        return {"bits": dict(self.bits), "pinned": {n: dict(p) for n, p in self.pinned}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Candidate:
+        unknown = set(d) - {"bits", "pinned"}
+        if unknown:
+            raise ValueError(f"unknown candidate fields {sorted(unknown)}")
+        return cls.make(d.get("bits"), d.get("pinned"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def key(self) -> str:
+        """Stable across processes and machines (unlike ``hash``)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def config(self, base: QuantConfig) -> QuantConfig:
+        return replace(base, bit_overrides=dict(self.bits),
+                       pinned={n: dict(p) for n, p in self.pinned})
+
+
+def chosen_parameters(q: Quantizer) -> dict:
+    """The searchable parameters a calibrated quantizer ended up with."""
+    if isinstance(q, TwoScaleValueQuantizer):
+        return {"shift": int(q.shift)}
+    if isinstance(q, ChannelPow2Quantizer) and q.rule == "o2sf":
+        out = {"exponent": int(q.exponent.max())}
+        if q.chosen_threshold is not None:
+            out["threshold"] = q.chosen_threshold
+        return out
+    return {}
+
+
+@dataclass(frozen=True)
+class QuantizerSlot:
+    """One quantizer of the model, as the search sees it."""
+
+    name: str
+    kind: str
+    scheme: str
+    bits: int       # under the base config
+    elements: int   # values it quantizes per image (weights: the tensor, once)
+
+
+@dataclass
+class SearchSpace:
+    base: QuantConfig
+    slots: dict[str, QuantizerSlot]
+    # Multiply-accumulates per image of each matmul: (its two operand quantizers, MACs).
+    macs: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_model(cls, qmodel: QuantizedModel, image: Tensor) -> SearchSpace:
+        """Measure, with one forward pass on ``image`` (1, C, H, W), what each enabled
+        quantizer handles per image and the MACs of every weighted layer and attention matmul."""
+        model = qmodel.model
+        names = {id(q): n for n, q in qmodel.quantizers()}
+        seen: dict[str, int] = {}
+        macs: list[tuple[str, str, int]] = []
+        hooks = []
+
+        def count(q: Quantizer):
+            def hook(_m, args):
+                seen[names[id(q)]] = max(seen.get(names[id(q)], 0), args[0].numel())
+            return hook
+
+        def weighted(m: QWeighted):
+            def hook(_m, _args, out):
+                per_out = m.weight[0].numel()  # in_features, or Cin·kh·kw
+                macs.append((names[id(m.weight_q)], names[id(m.input_q)], out.numel() * per_out))
+            return hook
+
+        def attention(m: QAttention):
+            def hook(_m, args):
+                b, n, c = args[0].shape
+                macs.append((names[id(m.q_q)], names[id(m.k_q)], b * n * n * c))
+                macs.append((names[id(m.a_q)], names[id(m.v_q)], b * n * n * c))
+            return hook
+
+        for _, q in qmodel.quantizers():
+            hooks.append(q.register_forward_pre_hook(count(q)))
+        for m in model.modules():
+            if isinstance(m, QWeighted):
+                hooks.append(m.register_forward_hook(weighted(m)))
+            elif isinstance(m, QAttention):
+                hooks.append(m.register_forward_pre_hook(attention(m)))
+        try:
+            with torch.no_grad():
+                model(image[:1].to(next(model.parameters()).device))
+        finally:
+            for h in hooks:
+                h.remove()
+        slots = {}
+        for name, q in qmodel.quantizers():
+            if not q.enabled:
+                continue
+            elements = seen.get(name)
+            if elements is None:  # parameters quantized in place: count the parameter itself
+                elements = _param_elements(model, name)
+            slots[name] = QuantizerSlot(name, q.kind, q.scheme, q.bits, elements)
+        return cls(qmodel.config, slots, macs)
+
+    def bits_of(self, candidate: Candidate) -> dict[str, int]:
+        over = dict(candidate.bits)
+        return {n: over.get(n, s.bits) for n, s in self.slots.items()}
+
+    def mean_bits(self, candidate: Candidate, weights: bool) -> float:
+        """Mean bit width of weights (or of activations), weighted by the elements each
+        quantizer handles per image."""
+        bits = self.bits_of(candidate)
+        chosen = [s for s in self.slots.values()
+                  if (s.kind in ("weight", "embedding")) == weights]
+        total = sum(s.elements for s in chosen)
+        return sum(bits[s.name] * s.elements for s in chosen) / max(1, total)
+
+    def weight_bytes(self, candidate: Candidate) -> float:
+        bits = self.bits_of(candidate)
+        return sum(bits[s.name] * s.elements / 8 for s in self.slots.values()
+                   if s.kind in ("weight", "embedding"))
+
+    def bitops(self, candidate: Candidate) -> float:
+        """Σ MACs × bits of one operand × bits of the other, per image (FP operands count 32)."""
+        bits = self.bits_of(candidate)
+        return float(sum(m * bits.get(a, 32) * bits.get(b, 32) for a, b, m in self.macs))
+
+
+def _param_elements(model: nn.Module, quantizer_name: str) -> int:
+    from quant.calibrate import integer_parameters
+
+    for pname, (prefix, _) in integer_parameters(model).items():
+        if prefix == quantizer_name:
+            return model.get_parameter(pname).numel()
+    return 0
+
+
+def candidate_of(qmodel: QuantizedModel) -> Candidate:
+    """Read back the candidate a calibrated model embodies: every bit width that differs from
+    its base config's, and the searchable parameters of the quantizers the config pinned."""
+    factory = QuantizerFactory(qmodel.config)
+    bits, pinned = {}, {}
+    for name, q in qmodel.quantizers():
+        if q.bits != factory.bits_for(q.kind):
+            bits[name] = q.bits
+        if name in qmodel.config.pinned:
+            pinned[name] = chosen_parameters(q)
+    return Candidate.make(bits, pinned)
