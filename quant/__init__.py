@@ -7,10 +7,10 @@
 from . import zoo  # noqa: F401  (registers digits_vit with timm)
 from .checkpoint import CheckpointError, load_quantized, read_recipe, save_quantized
 from .config import KINDS, METHODS, QuantConfig
-from .model import QuantizedModel, quantize
+from .model import Calibrator, QuantizedModel, quantize
 from .modules import UnsupportedModelError
 
 __all__ = [
-    "KINDS", "METHODS", "CheckpointError", "QuantConfig", "QuantizedModel",
+    "KINDS", "METHODS", "Calibrator", "CheckpointError", "QuantConfig", "QuantizedModel",
     "UnsupportedModelError", "load_quantized", "quantize", "read_recipe", "save_quantized",
 ]

@@ -17,6 +17,8 @@ from .calibrate import (
     calibrate_modules,
     calibrate_parameters,
     collect_statistics,
+    param_quantizers,
+    quant_modules,
     release_statistics,
     round_float_parameters,
     tensor_digest,
@@ -90,35 +92,91 @@ def _check_images(images: Tensor) -> None:
         raise ValueError("calib_images contains NaN or infinite values")
 
 
+# What may differ between calibrations that share one statistics pass: bit widths and pinned
+# search parameters (what a search varies), not which quantizer sits where or how it scores.
+VARIABLE_FIELDS = frozenset({"w_bits", "a_bits", "image_bits", "bit_overrides", "pinned",
+                             "search_points"})
+
+
+class Calibrator:
+    """Collects the calibration statistics of ``model`` once, then calibrates any number of
+    configurations that differ only in ``VARIABLE_FIELDS``. Each calibration is exactly what
+    ``quantize`` gives for that configuration, since every quantizer is searched on the FP
+    statistics alone."""
+
+    def __init__(self, model: nn.Module, calib_images: Tensor,
+                 config: QuantConfig | None = None) -> None:
+        self.config = config = config or QuantConfig()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_images(calib_images)
+        adapter = find_adapter(model)
+        self.architecture = adapter.architecture(model)
+        device = next(model.parameters()).device
+        # Quantizers are born on the CPU: move the whole twin to the model's device.
+        twin = adapter.rewrite(copy.deepcopy(model).eval(), QuantizerFactory(config))
+        apply_overrides(twin, config)
+        self.twin = twin.to(device)
+        self.images = calib_images[: config.calib_size].to(device)
+        start = time.perf_counter()
+        collect_statistics(self.twin, self.images, config)
+        self.statistics_seconds = time.perf_counter() - start
+        self._fp_params = {n: self.twin.get_parameter(n).detach().clone()
+                           for n in param_quantizers(self.twin)}
+
+    def calibrate(self, config: QuantConfig | None = None, progress: Progress | None = None,
+                  keep_statistics: bool = True) -> QuantizedModel:
+        """A calibrated copy of the twin under ``config`` (default: the constructor's). With
+        ``keep_statistics=False`` the twin itself is returned and the statistics are freed."""
+        config = config or self.config
+        base, new = self.config.to_dict(), config.to_dict()
+        changed = {k for k in base if base[k] != new[k]} - VARIABLE_FIELDS
+        if changed:
+            raise ValueError(f"these fields need a new statistics pass: {sorted(changed)}")
+        factory = QuantizerFactory(config)
+        for _, q in self.twin.named_modules():
+            if isinstance(q, Quantizer):
+                q.set_bits(factory.bits_for(q.kind))
+                q.restrict = {}
+        apply_overrides(self.twin, config)
+        with torch.no_grad():
+            for name, value in self._fp_params.items():
+                self.twin.get_parameter(name).copy_(value)
+        start = time.perf_counter()
+        calibrate_modules(self.twin, config, progress)
+        calibrate_parameters(self.twin, config)
+        round_float_parameters(self.twin)
+        seconds = time.perf_counter() - start
+        if keep_statistics:
+            modules = [m for _, m in quant_modules(self.twin)]
+            kept = [m.stats for m in modules]
+            for m in modules:
+                m.stats = {}
+            try:
+                model = copy.deepcopy(self.twin)
+            finally:
+                for m, stats in zip(modules, kept, strict=True):
+                    m.stats = stats
+        else:
+            release_statistics(self.twin)
+            model = self.twin
+        info = {
+            "calib_seconds": round(self.statistics_seconds + seconds, 3),
+            "statistics_seconds": round(self.statistics_seconds, 3),
+            "calib_images": int(self.images.shape[0]),
+            "calib_digest": tensor_digest(self.images),
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+        }
+        return QuantizedModel(model, config, self.architecture, info).eval()
+
+
 def quantize(model: nn.Module, calib_images: Tensor, config: QuantConfig | None = None,
              progress: Progress | None = None) -> QuantizedModel:
     """Rewrite ``model`` into its quantized twin and calibrate it on ``calib_images`` (the first
     ``config.calib_size`` of them, already normalised for the model). ``model`` is not changed."""
-    config = config or QuantConfig()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_images(calib_images)
-    adapter = find_adapter(model)
-    architecture = adapter.architecture(model)
-    device = next(model.parameters()).device
-    # Quantizers are born on the CPU: move the whole twin to the model's device.
-    twin = adapter.rewrite(copy.deepcopy(model).eval(), QuantizerFactory(config))
-    apply_overrides(twin, config)
-    twin = twin.to(device)
-    images = calib_images[: config.calib_size].to(device)
-    start = time.perf_counter()
+    calibrator = Calibrator(model, calib_images, config)
     try:
-        collect_statistics(twin, images, config)
-        calibrate_modules(twin, config, progress)
-        calibrate_parameters(twin, config)
-        round_float_parameters(twin)
+        return calibrator.calibrate(progress=progress, keep_statistics=False)
     finally:
-        release_statistics(twin)
-    info = {
-        "calib_seconds": round(time.perf_counter() - start, 3),
-        "calib_images": int(images.shape[0]),
-        "calib_digest": tensor_digest(images),
-        "timm_version": timm.__version__,
-        "torch_version": torch.__version__,
-    }
-    return QuantizedModel(twin, config, architecture, info).eval()
+        release_statistics(calibrator.twin)

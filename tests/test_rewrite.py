@@ -307,3 +307,24 @@ def test_bit_overrides_and_pinned_parameters(tiny_vit, images, tmp_path):
 def test_bad_overrides(tiny_vit, images, overrides, match):
     with pytest.raises(ValueError, match=match):
         quantize(tiny_vit, images, QuantConfig(**overrides, **FAST))
+
+
+def test_calibrator_reuses_statistics_exactly(tiny_vit, images):
+    """One statistics pass, many configurations: each equals a fresh ``quantize``, in any order."""
+    from quant import Calibrator
+
+    base = QuantConfig(**FAST)
+    configs = [
+        QuantConfig(w_bits=4, a_bits=6, **FAST),
+        QuantConfig(bit_overrides={"blocks.0.attn.qkv.weight_q": 4},
+                    pinned={"blocks.0.attn.a_q": {"shift": 1}}, **FAST),
+        base,
+    ]
+    calibrator = Calibrator(tiny_vit, images, base)
+    got = [calibrator.calibrate(c) for c in configs]
+    with torch.no_grad():
+        for cfg, q in zip(configs, got, strict=True):
+            assert torch.equal(q(images), quantize(tiny_vit, images, cfg)(images))
+    assert all(not m.stats for _, m in got[0].model.named_modules() if hasattr(m, "stats"))
+    with pytest.raises(ValueError, match="new statistics pass"):
+        calibrator.calibrate(QuantConfig(method="uniform", **FAST))
