@@ -45,10 +45,11 @@ def collect_statistics(model: nn.Module, images: Tensor, config: QuantConfig) ->
 
 @torch.no_grad()
 def calibrate_modules(model: nn.Module, config: QuantConfig,
-                      progress: Progress | None = None) -> None:
+                      progress: Progress | None = None, skip: frozenset[str] = frozenset()) -> None:
     modules = quant_modules(model)
     for i, (name, m) in enumerate(modules):
-        m.calibrate(config)
+        if name not in skip:
+            m.calibrate(config)
         if progress is not None:
             progress(i + 1, len(modules), name)
 

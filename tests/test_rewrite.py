@@ -328,3 +328,18 @@ def test_calibrator_reuses_statistics_exactly(tiny_vit, images):
     assert all(not m.stats for _, m in got[0].model.named_modules() if hasattr(m, "stats"))
     with pytest.raises(ValueError, match="new statistics pass"):
         calibrator.calibrate(QuantConfig(method="uniform", **FAST))
+
+
+def test_calibrator_incremental_equals_full(tiny_vit, images):
+    from quant import Calibrator
+
+    cfgs = [QuantConfig(**FAST),
+            QuantConfig(bit_overrides={"blocks.1.mlp.fc1.weight_q": 4}, **FAST),
+            QuantConfig(bit_overrides={"blocks.1.mlp.fc1.weight_q": 4,
+                                       "blocks.0.attn.a_q": 5}, **FAST)]
+    inc, full = Calibrator(tiny_vit, images, cfgs[0]), Calibrator(tiny_vit, images, cfgs[0])
+    with torch.no_grad():
+        for cfg in cfgs:
+            a = inc.calibrate(cfg, incremental=True, copy_model=False)(images)
+            b = full.calibrate(cfg)(images)
+            assert torch.equal(a, b)
