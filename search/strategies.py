@@ -79,7 +79,11 @@ def greedy_mixed_precision(space: SearchSpace, objective: Callable[[Candidate], 
                            kinds: frozenset[str] = SEARCH_KINDS,
                            max_candidates: int | None = None,
                            time_budget_s: float | None = None,
-                           progress: Callable[[int, str], None] | None = None) -> SearchResult:
+                           progress: Callable[[int, str], None] | None = None,
+                           evaluate_many: Callable[[list[Candidate]], list[Score]] | None = None,
+                           ) -> SearchResult:
+    """``evaluate_many`` scores a batch at once (a Ray pool); the one-shot sensitivities, the
+    bulk of the work, go through it."""
     start = time.perf_counter()
     slots = [s for s in space.slots.values() if s.kind in kinds]
     state = {s.name: s.bits for s in slots}
@@ -112,11 +116,21 @@ def greedy_mixed_precision(space: SearchSpace, objective: Callable[[Candidate], 
     points = [point(cur, score)]
     sensitivity: dict[tuple[str, int], float] = {}
     stopped = None
-    for s in slots:
-        for w in (w for w in widths if w < s.bits):
-            if (stopped := out_of_time()) is not None:
-                break
-            sensitivity[s.name, w] = evaluate(Candidate.make({s.name: w})).kl - score.kl
+    probes = [(s.name, w) for s in slots for w in widths if w < s.bits]
+    if max_candidates is not None and len(probes) > max_candidates - evaluations:
+        probes, stopped = probes[:max(0, max_candidates - evaluations)], "max_candidates"
+    batch = [Candidate.make({n: w}) for n, w in probes]
+    if evaluate_many is None:
+        scores = [evaluate(c) for c in batch]
+    else:
+        scores = evaluate_many(batch)
+        evaluations += len(batch)
+        if progress is not None:
+            progress(evaluations, "sensitivities")
+    for probe, s in zip(probes, scores, strict=True):
+        sensitivity[probe] = s.kl - score.kl
+    if stopped is None:
+        stopped = out_of_time()
     while stopped is None:
         over_w, over_a = budget.over(space, cur)
         if not (over_w or over_a):

@@ -1,0 +1,86 @@
+"""Scoring candidates on Ray: same scores as in-process, any worker count, retries, cancel."""
+
+import os
+import signal
+
+import pytest
+import ray
+import torch
+from conftest import FAST
+
+from quant import Calibrator, QuantConfig
+from search.objective import Objective
+from search.space import Candidate, SearchSpace
+from search.strategies import Budget, greedy_mixed_precision
+from workers.evaluator import EvaluatorPool, JobContext
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tiny_vit, images):
+    base = QuantConfig(**FAST)
+    calibrator = Calibrator(tiny_vit, images[:8], base)
+    return JobContext(tiny_vit, calibrator, images[8:], base)
+
+
+CANDIDATES = [Candidate(), Candidate.make({"blocks.0.attn.qkv.weight_q": 4}),
+              Candidate.make({"blocks.1.mlp.fc2.input_q": 4}),
+              Candidate.make({"blocks.0.attn.a_q": 5}, {"blocks.0.attn.a_q": {"shift": 2}})]
+
+
+def test_pool_scores_equal_in_process_scores(ray_local, job):
+    local = Objective(job.model, job.calibrator, job.val_images, job.base)
+    expected = [local(c) for c in CANDIDATES]
+    for workers in (1, 2):
+        pool = EvaluatorPool(job, workers)
+        try:
+            assert pool.map(CANDIDATES) == expected
+        finally:
+            pool.shutdown()
+
+
+def test_search_result_does_not_depend_on_worker_count(ray_local, job):
+    space = SearchSpace.from_model(job.calibrator.calibrate(job.base), job.val_images)
+    keys = []
+    for workers in (1, 2):
+        pool = EvaluatorPool(job, workers)
+        try:
+            res = greedy_mixed_precision(space, pool, Budget(6.5, 7.0),
+                                         evaluate_many=pool.map)
+        finally:
+            pool.shutdown()
+        keys.append((res.best.key, [p["key"] for p in res.front]))
+    assert keys[0] == keys[1]
+
+
+def test_killed_worker_is_restarted_and_its_task_retried(ray_local, job):
+    pool = EvaluatorPool(job, 1)
+    try:
+        expected = pool.map(CANDIDATES[:2])
+        os.kill(ray.get(pool.actors[0].ping.remote()), signal.SIGKILL)
+        assert pool.map(CANDIDATES[:2]) == expected
+    finally:
+        pool.shutdown()
+
+
+def test_cancel_stops_the_map(ray_local, job):
+    pool = EvaluatorPool(job, 1)
+    calls = []
+
+    def done(n):
+        calls.append(n)
+        pool.cancel()
+
+    try:
+        with pytest.raises(RuntimeError, match="cancelled"):
+            pool.map(CANDIDATES, done=done)
+        assert len(calls) == 1
+    finally:
+        pool.shutdown()
+    assert torch.is_tensor(job.val_images)

@@ -1,0 +1,1 @@
+"""Ray workers: score candidates of one job in parallel from its shared calibration statistics."""

@@ -1,0 +1,110 @@
+"""Candidate evaluation on Ray.
+
+A job's model, validation images and calibration statistics (a ``Calibrator``) are put in the
+object store once; each worker is an actor that loads them once and then scores any number of
+candidates (each call one Ray task). Scores do not depend on which worker computes them: a
+calibration is a pure function of the statistics and the candidate, so a result does not depend
+on the number of workers either.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import ray
+import torch
+from torch import Tensor, nn
+
+from quant import Calibrator, QuantConfig
+from search.objective import Objective, Score
+from search.space import Candidate
+
+
+@dataclass
+class JobContext:
+    """Everything a worker needs, shipped once per job."""
+
+    model: nn.Module
+    calibrator: Calibrator
+    val_images: Tensor
+    base: QuantConfig
+
+
+@ray.remote(max_restarts=2, max_task_retries=2)
+class CandidateEvaluator:
+    def __init__(self, context: JobContext, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        ctx = context
+        if device == "cuda":
+            ctx.model = ctx.model.to(device)
+        self.objective = Objective(ctx.model, ctx.calibrator, ctx.val_images, ctx.base)
+        self.pid = os.getpid()
+
+    def score(self, candidate: dict) -> tuple[float, float]:
+        s = self.objective(Candidate.from_dict(candidate))
+        return s.kl, s.agreement
+
+    def ping(self) -> int:
+        return self.pid
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus,
+                 include_dashboard=False, log_to_driver=False)
+
+
+class EvaluatorPool:
+    """``pool.map(candidates)`` scores candidates on ``workers`` actors, at most
+    ``max_in_flight`` at a time (``ray.wait`` keeps the queue bounded); ``cancel`` stops it."""
+
+    def __init__(self, context: JobContext, workers: int,
+                 max_in_flight: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        ensure_ray()
+        self.context_ref = ray.put(context)  # held: restarted actors re-read it
+        gpus = 1 if torch.cuda.is_available() else 0
+        self.actors = [CandidateEvaluator.options(num_gpus=gpus).remote(self.context_ref)
+                       for _ in range(workers)]
+        self.max_in_flight = max_in_flight or 2 * workers
+        self.cancelled = False
+
+    def map(self, candidates: Sequence[Candidate],
+            done: Callable[[int], None] | None = None) -> list[Score]:
+        results: list[Score | None] = [None] * len(candidates)
+        pending: dict = {}
+        idle = list(range(len(self.actors)))
+        queue = list(enumerate(candidates))
+        while queue or pending:
+            if self.cancelled:
+                for ref in pending:
+                    ray.cancel(ref)
+                raise RuntimeError("search cancelled")
+            while queue and idle and len(pending) < self.max_in_flight:
+                i, cand = queue.pop(0)
+                a = idle.pop(0)
+                pending[self.actors[a].score.remote(cand.to_dict())] = (i, a)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                i, a = pending.pop(ref)
+                kl, agreement = ray.get(ref)
+                results[i] = Score(kl=kl, agreement=agreement)
+                idle.append(a)
+                if done is not None:
+                    done(1)
+        return results  # type: ignore[return-value]
+
+    def __call__(self, candidate: Candidate) -> Score:
+        return self.map([candidate])[0]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
