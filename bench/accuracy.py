@@ -33,6 +33,7 @@ METHODS = ("uniform", "twin", "ptf", "tsptq")
 SETTINGS = ("full", "partial")
 WIDTHS = ((8, 8), (6, 6), (4, 8), (4, 4))
 SQNR_KINDS = ("post_softmax", "post_gelu", "ln_input", "linear_input", "weight")
+ABLATION_COLUMNS = ("w_bits", "a_bits", "top1", "agreement", "kl")
 # Each a change to tsptq's default config (or to a baseline), fully quantized.
 ABLATIONS = (
     ("tsptq (V-2SF + O-2SF, defaults)", {}),
@@ -46,44 +47,43 @@ ABLATIONS = (
 )
 
 
-def run_grid(model: torch.nn.Module, data: EvalData, metric: str) -> tuple[list[dict], list[dict]]:
-    fp_logits = logits_of(model, data.x_test)
+def measure(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
+            cfg: QuantConfig) -> tuple[dict, dict[str, float]]:
+    """Quantize under ``cfg``; its accuracy row and its SQNR (dB) per tensor kind."""
+    start = time.perf_counter()
+    qmodel = quantize(model, data.calib, cfg)
+    calib_s = time.perf_counter() - start
+    with qmodel.probe_sqnr() as read:
+        res = compare(fp_logits, logits_of(qmodel, data.x_test), data.y_test)
+    row = {"w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "top1": round(res.top1, 4),
+           "fp32_top1": round(res.fp32_top1, 4), "agreement": round(res.agreement, 4),
+           "kl": float(f"{res.kl:.3g}"), "calib_s": round(calib_s, 2)}
+    return row, {k: round(v, 2) for k, v in read().items()}
+
+
+def run_grid(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
+             metric: str) -> tuple[list[dict], list[dict]]:
     rows, sqnr_rows = [], []
     grid = [(m, s, w) for s in SETTINGS for w in WIDTHS for m in METHODS]
     for method, setting, (wb, ab) in tqdm(grid, desc="methods", file=sys.stderr):
         cfg = QuantConfig(method=method, setting=setting, w_bits=wb, a_bits=ab, metric=metric)
-        start = time.perf_counter()
-        qmodel = quantize(model, data.calib, cfg)
-        calib_s = time.perf_counter() - start
+        row, sqnr = measure(model, data, fp_logits, cfg)
+        rows.append({"method": method, "setting": setting, **row})
         if setting == "full":
-            with qmodel.probe_sqnr() as read:
-                q_logits = logits_of(qmodel, data.x_test)
-            sqnr = read()
             sqnr_rows.append({"method": method, "w_bits": wb, "a_bits": ab,
-                              **{k: round(sqnr.get(k, float("nan")), 2) for k in SQNR_KINDS}})
-        else:
-            q_logits = logits_of(qmodel, data.x_test)
-        res = compare(fp_logits, q_logits, data.y_test)
-        rows.append({"method": method, "setting": setting, "w_bits": wb, "a_bits": ab,
-                     "top1": round(res.top1, 4), "fp32_top1": round(res.fp32_top1, 4),
-                     "agreement": round(res.agreement, 4), "kl": float(f"{res.kl:.3g}"),
-                     "calib_s": round(calib_s, 2)})
+                              **{k: sqnr.get(k, float("nan")) for k in SQNR_KINDS}})
     return rows, sqnr_rows
 
 
-def run_ablations(model: torch.nn.Module, data: EvalData, metric: str) -> list[dict]:
-    fp_logits = logits_of(model, data.x_test)
+def run_ablations(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
+                  metric: str) -> list[dict]:
     rows = []
     grid = [(a, w) for a in ABLATIONS for w in WIDTHS]
     for (name, change), (wb, ab) in tqdm(grid, desc="ablations", file=sys.stderr):
         cfg = QuantConfig(**{"metric": metric, "w_bits": wb, "a_bits": ab, **change})
-        qmodel = quantize(model, data.calib, cfg)
-        with qmodel.probe_sqnr() as read:
-            res = compare(fp_logits, logits_of(qmodel, data.x_test), data.y_test)
-        sqnr = read()
-        rows.append({"variant": name, "w_bits": wb, "a_bits": ab, "top1": round(res.top1, 4),
-                     "agreement": round(res.agreement, 4), "kl": float(f"{res.kl:.3g}"),
-                     **{f"{k}_sqnr": round(sqnr[k], 2) for k in SQNR_KINDS[:4]}})
+        row, sqnr = measure(model, data, fp_logits, cfg)
+        rows.append({"variant": name, **{k: row[k] for k in ABLATION_COLUMNS},
+                     **{f"{k}_sqnr": sqnr[k] for k in SQNR_KINDS[:4]}})
     return rows
 
 
@@ -156,13 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, args.weights)
     data = digits_data() if args.data is None else image_folder_data(args.data, model)
     model = model.to(args.device)
-    rows, sqnr_rows = run_grid(model, data, args.metric)
+    fp_logits = logits_of(model, data.x_test)
+    rows, sqnr_rows = run_grid(model, data, fp_logits, args.metric)
     print(f"\n## Accuracy ({args.model}, {len(data.y_test)} test images, metric {args.metric})\n")
     print(table(rows, ["method", "setting", "w_bits", "a_bits", "top1", "fp32_top1", "agreement",
                        "kl", "calib_s"]))
     print("\n## SQNR (dB) per tensor kind, fully quantized, test split\n")
     print(table(sqnr_rows, ["method", "w_bits", "a_bits", *SQNR_KINDS]))
-    ablations = run_ablations(model, data, args.metric)
+    ablations = run_ablations(model, data, fp_logits, args.metric)
     print("\n## Ablations (fully quantized)\n")
     print(table(ablations, ["variant", "w_bits", "a_bits", "top1", "agreement", "kl",
                             *(f"{k}_sqnr" for k in SQNR_KINDS[:4])]))

@@ -121,6 +121,7 @@ class Calibrator:
         start = time.perf_counter()
         collect_statistics(self.twin, self.images, config)
         self.statistics_seconds = time.perf_counter() - start
+        self.calib_digest = tensor_digest(self.images)
         self._fp_params = {n: self.twin.get_parameter(n).detach().clone()
                            for n in param_quantizers(self.twin)}
         self._last: dict[str, tuple] = {}  # module -> what its last calibration was given
@@ -179,7 +180,7 @@ class Calibrator:
             "calib_seconds": round(self.statistics_seconds + seconds, 3),
             "statistics_seconds": round(self.statistics_seconds, 3),
             "calib_images": int(self.images.shape[0]),
-            "calib_digest": tensor_digest(self.images),
+            "calib_digest": self.calib_digest,
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,
         }

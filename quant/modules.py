@@ -7,6 +7,7 @@ pass (``Capture``), kept on the module, and reused by every later (re)calibratio
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,7 @@ def sample_rows(x2: Tensor, rows: int, gen: torch.Generator) -> Tensor:
     return torch.cat([rand, extreme]).unique()
 
 
-class QuantModule(nn.Module):
+class QuantModule(nn.Module, ABC):
     """Base of every quantized layer."""
 
     def __init__(self) -> None:
@@ -55,8 +56,9 @@ class QuantModule(nn.Module):
         """This module's own quantizers (not its children's), by attribute name."""
         return {n: m for n, m in self.named_children() if isinstance(m, Quantizer)}
 
+    @abstractmethod
     def calibrate(self, config: QuantConfig) -> None:
-        raise NotImplementedError
+        """Search this module's quantizers on its captured statistics."""
 
     def release(self) -> None:
         self.stats = {}
@@ -93,12 +95,13 @@ class QWeighted(QuantModule):
     input_q: Quantizer
     weight_q: UniformQuantizer
 
+    @abstractmethod
     def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        raise NotImplementedError
+        """The layer's computation with the given (possibly quantized) weight."""
 
+    @abstractmethod
     def _capture(self, x: Tensor):
         """Keep a sample of ``x``; return how to pick the same sample from the output's grad."""
-        raise NotImplementedError
 
     def _weight_sample(self, x: Tensor) -> Tensor:
         return x

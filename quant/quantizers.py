@@ -14,6 +14,7 @@ candidate set is specific to each scheme; the error metric comes from the caller
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -50,7 +51,7 @@ def _fp16_exact(t: Tensor) -> Tensor:
     return torch.where(normal, h.float(), t).clamp_min(1e-30)
 
 
-class Quantizer(nn.Module):
+class Quantizer(nn.Module, ABC):
     """Base class. Subclasses implement ``codes``, ``integer`` and ``step``."""
 
     scheme: str = "base"
@@ -83,15 +84,17 @@ class Quantizer(nn.Module):
                              f"it accepts {sorted(self.restrictable)}")
         self.restrict = dict(params)
 
+    @abstractmethod
     def codes(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Unsigned codes in [0, 2^b − 1], as stored."""
 
+    @abstractmethod
     def integer(self, codes: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The signed integer operand the next integer matmul consumes."""
 
+    @abstractmethod
     def step(self, x: Tensor) -> Tensor:
         """The scale(s) of the integer operand, broadcastable to ``x``."""
-        raise NotImplementedError
 
     def dequantize(self, codes: Tensor, like: Tensor) -> Tensor:
         return self.integer(codes).to(like.dtype) * self.step(like)
@@ -172,12 +175,12 @@ class UniformQuantizer(Quantizer):
         hi = torch.maximum(hi.float(), torch.zeros_like(hi.float()))
         if self.symmetric:
             amax = torch.maximum(-lo, hi) * alpha
-            scale = amax / ((self.levels >> 1) - 0.5)
+            scale = _fp16_exact(amax / ((self.levels >> 1) - 0.5))
             zp = torch.full_like(scale, self._sym_zero(), dtype=torch.int32)
         else:
             scale = _fp16_exact((hi - lo) * alpha / (self.levels - 1))
             zp = torch.round(-lo * alpha / scale).clamp(0, self.levels - 1).to(torch.int32)
-        self.scale = _fp16_exact(scale).reshape(self.scale.shape).to(self.scale.device)
+        self.scale = scale.reshape(self.scale.shape).to(self.scale.device)
         self.zero_point = zp.reshape(self.zero_point.shape).to(self.zero_point.device)
         self.calibrated.fill_(True)
 

@@ -19,29 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from quant import Calibrator, QuantConfig
 from quant.evaluate import compare, logits_of
 from quant.zoo.data import digits_data
-from quant.zoo.digits import load_digits_split
 from quant.zoo.models import load_model
 
 from .space import SearchSpace
 from .strategies import Budget, greedy_mixed_precision
 
 STRATEGIES = ("greedy",)
-
-
-def validation_images(calib_ids: list[int], size: int, seed: int) -> torch.Tensor:
-    """Training images not used for calibration (the test split is never used to choose)."""
-    split = load_digits_split()
-    taken = set(calib_ids)
-    rest = [i for i in range(len(split.x_train)) if i not in taken]
-    g = torch.Generator().manual_seed(seed + 1)
-    pick = torch.randperm(len(rest), generator=g)[: min(size, len(rest))].tolist()
-    return split.x_train[sorted(rest[i] for i in pick)]
 
 
 def plot_front(front: list[dict], path: Path) -> None:
@@ -69,8 +57,8 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     base = QuantConfig(method=args.method, setting=args.setting, seed=args.seed)
     model = load_model(args.model, args.weights)
-    data = digits_data(base.calib_size, args.seed)
-    val = validation_images(data.calib_ids, args.val_size, args.seed)
+    data = digits_data(base.calib_size, args.seed, val_size=args.val_size)
+    val = data.x_val
     calibrator = Calibrator(model, data.calib, base)
     space = SearchSpace.from_model(calibrator.calibrate(base), data.calib)
     budget = Budget(args.budget_weight_bits or args.budget_bits,
@@ -85,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         result = greedy_mixed_precision(space, pool, budget, max_candidates=args.max_candidates,
                                         time_budget_s=args.time_budget, progress=progress,
-                                        evaluate_many=lambda c: pool.map(c))
+                                        evaluate_many=pool.map)
     finally:
         bar.close()
         pool.shutdown()

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from quant import QuantConfig, QuantizedModel
+from quant.calibrate import integer_parameters
 from quant.factory import QuantizerFactory
 from quant.modules import QAttention, QWeighted
 from quant.quantizers import ChannelPow2Quantizer, Quantizer, TwoScaleValueQuantizer
@@ -169,8 +170,6 @@ class SearchSpace:
 
 
 def _param_elements(model: nn.Module, quantizer_name: str) -> int:
-    from quant.calibrate import integer_parameters
-
     for pname, (prefix, _) in integer_parameters(model).items():
         if prefix == quantizer_name:
             return model.get_parameter(pname).numel()

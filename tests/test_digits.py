@@ -46,3 +46,14 @@ def test_w8a8_checkpoint_budget_and_exact_reload(digits, tmp_path):
     assert torch.equal(q_logits, logits_of(qmodel, data.x_test))
     assert read_recipe(path)["metrics"]["top1"] == result.top1
     assert read_recipe(path)["architecture"]["name"] == "digits_vit"
+
+
+def test_validation_images_are_disjoint_from_calibration():
+    from quant.zoo.data import pick_validation
+
+    data = digits_data(32, 0, val_size=256)
+    assert data.x_val.shape == (256, 3, 32, 32)
+    val_ids = pick_validation(1437, data.calib_ids, 256, 0)
+    assert not set(val_ids) & set(data.calib_ids)
+    split = load_digits_split()
+    assert torch.equal(data.x_val, split.x_train[val_ids])

@@ -59,11 +59,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 
 class EvaluatorPool:
-    """``pool.map(candidates)`` scores candidates on ``workers`` actors, at most
-    ``max_in_flight`` at a time (``ray.wait`` keeps the queue bounded); ``cancel`` stops it."""
+    """``pool.map(candidates)`` scores candidates on ``workers`` actors, one task per actor in
+    flight (``ray.wait`` hands the next candidate to whichever finishes); ``cancel`` stops it."""
 
-    def __init__(self, context: JobContext, workers: int,
-                 max_in_flight: int | None = None) -> None:
+    def __init__(self, context: JobContext, workers: int) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         ensure_ray()
@@ -71,7 +70,6 @@ class EvaluatorPool:
         gpus = 1 if torch.cuda.is_available() else 0
         self.actors = [CandidateEvaluator.options(num_gpus=gpus).remote(self.context_ref)
                        for _ in range(workers)]
-        self.max_in_flight = max_in_flight or 2 * workers
         self.cancelled = False
 
     def map(self, candidates: Sequence[Candidate],
@@ -85,7 +83,7 @@ class EvaluatorPool:
                 for ref in pending:
                     ray.cancel(ref)
                 raise RuntimeError("search cancelled")
-            while queue and idle and len(pending) < self.max_in_flight:
+            while queue and idle:
                 i, cand = queue.pop(0)
                 a = idle.pop(0)
                 pending[self.actors[a].score.remote(cand.to_dict())] = (i, a)

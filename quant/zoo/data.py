@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,9 @@ class EvalData:
     x_test: Tensor
     y_test: Tensor
     calib_ids: list[int]  # indices of the calibration images in their source split
+    # Held-out images for choosing between candidates: training images calibration did not
+    # use (never the test split, which only reports accuracy). Empty unless asked for.
+    x_val: Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 def pick_calibration(n_total: int, n: int, seed: int) -> list[int]:
@@ -25,10 +28,19 @@ def pick_calibration(n_total: int, n: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n_total, generator=g)[: min(n, n_total)].tolist())
 
 
-def digits_data(calib_size: int = 32, seed: int = 0) -> EvalData:
+def pick_validation(n_total: int, calib_ids: list[int], n: int, seed: int) -> list[int]:
+    """A fixed random choice of ``n`` images outside the calibration set."""
+    taken = set(calib_ids)
+    rest = [i for i in range(n_total) if i not in taken]
+    g = torch.Generator().manual_seed(seed + 1)
+    return sorted(rest[i] for i in torch.randperm(len(rest), generator=g)[: min(n, len(rest))])
+
+
+def digits_data(calib_size: int = 32, seed: int = 0, val_size: int = 0) -> EvalData:
     split = load_digits_split()
     ids = pick_calibration(len(split.x_train), calib_size, seed)
-    return EvalData(split.x_train[ids], split.x_test, split.y_test, ids)
+    val = pick_validation(len(split.x_train), ids, val_size, seed)
+    return EvalData(split.x_train[ids], split.x_test, split.y_test, ids, split.x_train[val])
 
 
 def image_folder_data(root: str | Path, model: nn.Module, calib_size: int = 32, seed: int = 0,

@@ -12,7 +12,7 @@ def load_model(name: str, weights: str | Path = "pretrained", **kwargs) -> nn.Mo
     """``weights``: ``"random"``; ``"pretrained"`` (timm's loader: the bundled file for
     ``digits_vit``, the hub for timm's own models where it can be reached); or the path of a local
     checkpoint (safetensors, or a PyTorch file read with ``weights_only=True``: never unpickled)."""
-    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+    if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}")
     if weights == "random":
         model = timm.create_model(name, pretrained=False, **kwargs)
