@@ -231,6 +231,11 @@ class TwoScaleValueQuantizer(Quantizer):
     s for both, so the coarse step is S = 2^m·s and the next matmul needs only a shift. The region
     is chosen with a mask, never by adding two clamped branches.
 
+    Code share (METHOD.md section 4, "when not an even split"): by default the fine region owns
+    the lower half of the 2^b codes (the flag is the top bit). ``fine_codes`` F moves that
+    boundary: codes below F are fine payloads, codes from F up are coarse payloads, so the
+    decoder compares with F instead of testing a bit. A search pins it as ``fine_share`` = F/2^b.
+
     ``coarse_offset`` (an option beyond the paper, off by default): the coarse grid starts at its
     first point above the fine grid, ``(p + c) << m`` with c = ⌊F/2^m⌋ + 1 for the fine top F,
     instead of at zero. Without it the coarse codes below the split duplicate fine values and are
@@ -248,7 +253,8 @@ class TwoScaleValueQuantizer(Quantizer):
     """
 
     scheme = "v2sf"
-    restrictable = frozenset({"shift"})  # m: with the range, it fixes the split threshold τ
+    # m (with the range it fixes the split threshold τ) and the fine region's share of codes.
+    restrictable = frozenset({"shift", "fine_share"})
 
     def __init__(self, bits: int, region_rule: str = "value", signed: bool = False,
                  coarse_offset: bool = False) -> None:
@@ -261,15 +267,30 @@ class TwoScaleValueQuantizer(Quantizer):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("shift", torch.zeros((), dtype=torch.int32))  # m
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))  # z, fine region
+        self.register_buffer("fine_codes", torch.tensor(1 << (bits - 1), dtype=torch.int32))
 
     @property
     def payload_max(self) -> int:
-        return (1 << (self.bits - 1)) - 1
+        """The fine region's top payload."""
+        return int(self.fine_codes) - 1
+
+    @property
+    def coarse_max(self) -> int:
+        return self.levels - int(self.fine_codes) - 1
 
     def set_bits(self, bits: int) -> None:
         if isinstance(bits, int) and bits < 3:
             raise ValueError("a two-scale quantizer needs at least 3 bits")
         super().set_bits(bits)
+        if "fine_codes" in self._buffers:  # not yet during the base class's __init__
+            self.set_fine_share(0.5)
+
+    def set_fine_share(self, share: float) -> None:
+        """Give the fine region round(share·2^b) codes, at least 2 and leaving the coarse two."""
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"fine_share must lie in (0, 1), got {share}")
+        codes = min(max(round(share * self.levels), 2), self.levels - 2)
+        self.fine_codes = torch.tensor(codes, dtype=torch.int32, device=self.scale.device)
 
     def _coarse_start(self, shift: int, zero_point: int) -> int:
         """c: the coarse payload's offset (0 without ``coarse_offset``)."""
@@ -292,14 +313,13 @@ class TwoScaleValueQuantizer(Quantizer):
         c = self._coarse_start(m, int(z))
         flag = x >= self._threshold()
         fine = (torch.round(x / s) + z).clamp_(0, self.payload_max)
-        coarse = (torch.round(x / (s * (1 << m))) - c).clamp_(0, self.payload_max)
-        p = torch.where(flag, coarse, fine).to(torch.int32)
-        return p + flag.to(torch.int32) * (1 << (self.bits - 1))
+        coarse = (torch.round(x / (s * (1 << m))) - c).clamp_(0, self.coarse_max)
+        return torch.where(flag, coarse + int(self.fine_codes), fine).to(torch.int32)
 
     def integer(self, codes: Tensor) -> Tensor:
-        half = 1 << (self.bits - 1)
-        flag = codes >= half
-        p = codes - flag.to(torch.int32) * half
+        boundary = int(self.fine_codes)
+        flag = codes >= boundary
+        p = codes - flag.to(torch.int32) * boundary
         m = int(self.shift)
         c = self._coarse_start(m, int(self.zero_point))
         return torch.where(flag, (p + c) << m, p - self.zero_point)
@@ -329,11 +349,12 @@ class TwoScaleValueQuantizer(Quantizer):
         return min(math.ceil(-x_min / scale - 1e-6), (self.payload_max + 1) // 2)
 
     def calibrate(self, x: Tensor, loss: LossFn, points: int = 50, max_shift: int = 7) -> None:
+        self.set_fine_share(float(self.restrict.get("fine_share", 0.5)))
         x_min, x_max = float(x.min()), float(x.max())
         best: tuple[float, tuple[float, int, int]] = (float("inf"), (1.0, 0, 0))
         if not self.signed:
             # post-Softmax (x in [0, 1]): the coarse grid reaches 1 exactly, search m only.
-            candidates = [(1.0 / ((self._coarse_start(m, 0) + self.payload_max) << m), m)
+            candidates = [(1.0 / ((self._coarse_start(m, 0) + self.coarse_max) << m), m)
                           for m in range(0, max_shift + 1)]
         elif self.region_rule == "sign":
             # PTQ4ViT twin uniform for GELU: fine grid fixed by the negative tail; search the
@@ -341,7 +362,7 @@ class TwoScaleValueQuantizer(Quantizer):
             fine = max(-min(x_min, 0.0), 2.0 ** -10 * max(x_max, 1e-6)) / self.payload_max
             candidates = []
             for a in _grid(points):
-                want = a * x_max / self.payload_max
+                want = a * x_max / self.coarse_max
                 m = min(16, max(0, round(math.log2(max(want / fine, 1.0)))))
                 candidates.append((fine, m))
             candidates = sorted(set(candidates))
@@ -352,9 +373,9 @@ class TwoScaleValueQuantizer(Quantizer):
             for a in _grid(n, 0.3):
                 top = a * x_max  # the coarse grid's last point
                 for m in range(1, max_shift + 1):
-                    s = top / (self.payload_max << m)
+                    s = top / (self.coarse_max << m)
                     c = self._coarse_start(m, self._zero_for(s, x_min))
-                    candidates.append((top / ((c + self.payload_max) << m), m))
+                    candidates.append((top / ((c + self.coarse_max) << m), m))
         if "shift" in self.restrict:  # keep each candidate's coarse step S = s·2^m, pin m
             pinned = int(self.restrict["shift"])
             candidates = sorted({(s * 2.0 ** (m - pinned), pinned) for s, m in candidates})
@@ -369,7 +390,8 @@ class TwoScaleValueQuantizer(Quantizer):
         d = super().describe()
         d.update(scale=float(self.scale), shift=int(self.shift), zero_point=int(self.zero_point),
                  coarse_start=self._coarse_start(int(self.shift), int(self.zero_point)),
-                 split_threshold=self.split_threshold, region_rule=self.region_rule)
+                 split_threshold=self.split_threshold, region_rule=self.region_rule,
+                 fine_codes=int(self.fine_codes))
         return d
 
 

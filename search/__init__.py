@@ -2,7 +2,20 @@
 
 from .objective import Objective, Score
 from .space import Candidate, QuantizerSlot, SearchSpace, candidate_of
-from .strategies import Budget, SearchResult, greedy_mixed_precision, pareto_front
+from .strategies import (
+                         STRATEGIES,
+                         Budget,
+                         EvolutionSettings,
+                         SearchResult,
+                         SearchRun,
+                         StopCriteria,
+                         evolutionary_search,
+                         greedy_mixed_precision,
+                         pareto_front,
+                         threshold_search,
+)
 
-__all__ = ["Budget", "Candidate", "Objective", "QuantizerSlot", "Score", "SearchResult",
-           "SearchSpace", "candidate_of", "greedy_mixed_precision", "pareto_front"]
+__all__ = ["STRATEGIES", "Budget", "Candidate", "EvolutionSettings", "Objective",
+           "QuantizerSlot", "Score", "SearchResult", "SearchRun", "SearchSpace", "StopCriteria",
+           "candidate_of", "evolutionary_search", "greedy_mixed_precision", "pareto_front",
+           "threshold_search"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
+from itertools import product
 
 import torch
 from torch import Tensor, nn
@@ -64,10 +65,24 @@ class Candidate:
                        pinned={n: dict(p) for n, p in self.pinned})
 
 
+# The grid a search tries for each pinnable parameter. V-2SF: the scale ratio m (with the range it
+# sets the split threshold τ) and the fine region's share of the codes; O-2SF: the outlier
+# threshold T (× the median channel range) and the outlier exponent k.
+PARAM_GRID: dict[str, tuple] = {"shift": (1, 2, 3, 4, 5, 6), "fine_share": (0.25, 0.5, 0.75),
+                                "threshold": (2.0, 4.0, 8.0, 16.0), "exponent": (1, 2, 3, 4)}
+
+
+def searchable_params(q: Quantizer) -> tuple[str, ...]:
+    if isinstance(q, TwoScaleValueQuantizer) or (isinstance(q, ChannelPow2Quantizer)
+                                                and q.rule == "o2sf"):
+        return tuple(sorted(q.restrictable))
+    return ()
+
+
 def chosen_parameters(q: Quantizer) -> dict:
     """The searchable parameters a calibrated quantizer ended up with."""
     if isinstance(q, TwoScaleValueQuantizer):
-        return {"shift": int(q.shift)}
+        return {"shift": int(q.shift), "fine_share": int(q.fine_codes) / q.levels}
     if isinstance(q, ChannelPow2Quantizer) and q.rule == "o2sf":
         out = {"exponent": int(q.exponent.max())}
         if q.chosen_threshold is not None:
@@ -85,6 +100,12 @@ class QuantizerSlot:
     scheme: str
     bits: int       # under the base config
     elements: int   # values it quantizes per image (weights: the tensor, once)
+    params: tuple[str, ...] = ()  # the parameters a candidate may pin (V-2SF and O-2SF only)
+
+    def options(self) -> list[dict]:
+        """Every combination of this quantizer's pinnable parameters on the search grid."""
+        grids = [PARAM_GRID[p] for p in self.params]
+        return [dict(zip(self.params, combo, strict=True)) for combo in product(*grids)]
 
 
 @dataclass
@@ -142,7 +163,8 @@ class SearchSpace:
             elements = seen.get(name)
             if elements is None:  # parameters quantized in place: count the parameter itself
                 elements = _param_elements(model, name)
-            slots[name] = QuantizerSlot(name, q.kind, q.scheme, q.bits, elements)
+            slots[name] = QuantizerSlot(name, q.kind, q.scheme, q.bits, elements,
+                                        searchable_params(q))
         return cls(qmodel.config, slots, macs)
 
     def bits_of(self, candidate: Candidate) -> dict[str, int]:

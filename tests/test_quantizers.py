@@ -140,9 +140,9 @@ def v2sf_data(signed: bool, g: torch.Generator, spread: float) -> torch.Tensor:
 def check_v2sf(q: TwoScaleValueQuantizer, x: torch.Tensor, g: torch.Generator) -> None:
     make = lambda: TwoScaleValueQuantizer(q.bits, q.region_rule, q.signed)  # noqa: E731
     check_rebuild(q, make, x)
-    s, m, z, pmax = q.scale, int(q.shift), int(q.zero_point), q.payload_max
+    s, m, z = q.scale, int(q.shift), int(q.zero_point)
     coarse = s * 2**m
-    lo, hi = -z * s, pmax * coarse
+    lo, hi = -z * s, (q._coarse_start(m, z) + q.coarse_max) * coarse
     y = fill(lo, hi, torch.rand(8192, generator=g))
     err = (y - q(y)).abs()
     # Anywhere in range: at most half a coarse step.
@@ -159,13 +159,17 @@ def check_v2sf(q: TwoScaleValueQuantizer, x: torch.Tensor, g: torch.Generator) -
 
 @PROPS
 @given(seed=seeds, bits=st.integers(3, 16), case=st.sampled_from(V2SF_CASES),
-       spread=st.floats(0.1, 8.0))
-def test_v2sf_calibrated(seed, bits, case, spread):
+       spread=st.floats(0.1, 8.0), share=st.sampled_from([0.5, 0.25, 0.75]))
+def test_v2sf_calibrated(seed, bits, case, spread, share):
     rule, signed = case
     g = gen(seed)
     x = v2sf_data(signed, g, spread)
     q = TwoScaleValueQuantizer(bits, region_rule=rule, signed=signed)
+    q.set_restrict({"fine_share": share})
     q.calibrate(x, mse(x), POINTS)
+    want = min(max(round(share * 2**bits), 2), 2**bits - 2)
+    assert int(q.fine_codes) == want
+    assert int(q.codes(torch.tensor([1e9]))) == 2**bits - 1  # the top code is coarse's last
     assert bool(q.calibrated)
     if signed and rule == "value":
         assert 0 <= int(q.zero_point) <= (q.payload_max + 1) // 2
@@ -191,7 +195,7 @@ def test_v2sf_softmax_coarse_grid_reaches_one():
         x = torch.rand(64, 49, generator=gen(bits)).softmax(-1)
         q = TwoScaleValueQuantizer(bits, "value", signed=False)
         q.calibrate(x, mse(x))
-        top = float(q.scale) * 2 ** int(q.shift) * q.payload_max
+        top = float(q.scale) * 2 ** int(q.shift) * q.coarse_max
         assert top == pytest.approx(1.0, abs=1e-3), bits
         assert float(q(torch.ones(1))) == pytest.approx(1.0, abs=1e-3)
 
@@ -201,6 +205,21 @@ def test_v2sf_sign_rule_splits_by_sign():
     q.set_params(0.01, 3, q.payload_max)
     codes = q.codes(torch.tensor([-0.05, -1e-4, 0.0, 1e-4, 0.3]))
     assert (codes >= 2 ** (q.bits - 1)).tolist() == [False, False, True, True, True]
+
+
+def test_v2sf_uneven_share_survives_bits_change_and_checkpoint_state():
+    q = TwoScaleValueQuantizer(4, "value", signed=True)
+    q.set_restrict({"fine_share": 0.75})
+    x = F.gelu(torch.randn(4096, generator=gen(1)) * 3)
+    q.calibrate(x, mse(x))
+    assert int(q.fine_codes) == 12
+    twin = TwoScaleValueQuantizer(4, "value", signed=True)
+    twin.load_state_dict(q.state_dict())
+    assert torch.equal(twin(x), q(x))
+    q.set_bits(6)  # a new width resets the share to an even split until recalibrated
+    assert int(q.fine_codes) == 32
+    with pytest.raises(ValueError, match="fine_share"):
+        q.set_fine_share(1.0)
 
 
 def test_twin_gelu_without_negative_tail():

@@ -36,7 +36,8 @@ def test_candidate_json_and_stable_key():
 def test_candidate_model_candidate_round_trip(tiny_vit, images):
     cand = Candidate.make(
         bits={"blocks.0.attn.qkv.weight_q": 4, "blocks.1.mlp.fc2.input_q": 5},
-        pinned={"blocks.0.attn.a_q": {"shift": 2}, "blocks.1.mlp.fc2.input_q": {"shift": 3},
+        pinned={"blocks.0.attn.a_q": {"shift": 2, "fine_share": 0.25},
+                "blocks.1.mlp.fc2.input_q": {"shift": 3},
                 "blocks.0.norm2.input_q": {"threshold": 2.0, "exponent": 2}})
     q = quantize(tiny_vit, images, cand.config(QuantConfig(**FAST)))
     back = candidate_of(q)
