@@ -32,7 +32,13 @@ SEARCH_KINDS = frozenset({"weight", "linear_input", "qk", "value", "post_softmax
                           "ln_input"})
 
 Objective = Callable[[Candidate], Score]
-EvaluateMany = Callable[[list[Candidate]], list[Score]]
+# ``evaluate_many(candidates, done)`` scores a batch (a Ray pool) and calls ``done(i, score)`` as
+# each candidate finishes, in whatever order they finish.
+EvaluateMany = Callable[[list[Candidate], Callable[[int, Score], None]], list[Score]]
+
+
+class SearchCancelled(RuntimeError):
+    """The search was asked to stop (a cancelled job)."""
 
 
 @dataclass(frozen=True)
@@ -122,19 +128,24 @@ class SearchRun:
     """Evaluation, bookkeeping and stop criteria shared by the strategies.
 
     ``known``: scores from an earlier run of the same job (a resumed job does not recompute
-    them). ``on_scored(candidate, score)`` sees every newly measured candidate (the service
-    stores it). ``progress(done, total)`` gets the evaluations so far and the expected total."""
+    them). ``on_scored(seq, candidate, score)`` sees every newly measured candidate as soon as
+    it is measured (the service stores it); ``seq`` numbers candidates in the order the strategy
+    proposed them. ``progress(done, total)`` gets the evaluations so far and the expected total.
+    ``cancelled()``, polled before each batch and by the pool, stops the search
+    (``SearchCancelled``)."""
 
     def __init__(self, space: SearchSpace, objective: Objective, budget: Budget,
                  stop: StopCriteria | None = None, evaluate_many: EvaluateMany | None = None,
                  known: dict[str, Score] | None = None,
-                 on_scored: Callable[[Candidate, Score], None] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 on_scored: Callable[[int, Candidate, Score], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> None:
         self.space, self.objective, self.budget = space, objective, budget
         self.stop = stop or StopCriteria()
         self.evaluate_many = evaluate_many
         self.known = dict(known or {})
-        self.on_scored, self.progress = on_scored, progress
+        self.on_scored, self.progress, self.cancelled = on_scored, progress, cancelled
+        self.proposed = 0  # distinct candidates handed out so far (the next one's ``seq``)
         self.scores: dict[str, tuple[Candidate, Score]] = {}
         self.evaluations = 0
         self.reused = 0
@@ -147,10 +158,15 @@ class SearchRun:
         self.expected += n
         self._report()
 
+    @property
+    def done(self) -> int:
+        """Candidates scored, here or (``known``) by an earlier run of the job: a resumed job
+        has the same ``max_candidates`` in all, and stops where it would have."""
+        return self.evaluations + self.reused
+
     def _report(self) -> None:
         if self.progress is not None:
-            done = self.evaluations + self.reused
-            self.progress(done, max(self.expected, done))
+            self.progress(self.done, max(self.expected, self.done))
 
     def feasible(self, cand: Candidate) -> bool:
         return self.budget.excess(self.space, cand) == 0.0
@@ -159,7 +175,7 @@ class SearchRun:
         """The first stop criterion that holds now (it sticks once set)."""
         if self.stopped_by is None:
             s = self.stop
-            if s.max_candidates is not None and self.evaluations >= s.max_candidates:
+            if s.max_candidates is not None and self.done >= s.max_candidates:
                 self.stopped_by = "max_candidates"
             elif (s.time_budget_s is not None
                   and time.perf_counter() - self.start > s.time_budget_s):
@@ -176,27 +192,36 @@ class SearchRun:
         if self.stop.max_candidates is not None and self.stop.max_candidates < 1:
             raise ValueError("max_candidates must be at least 1")
         fresh: list[Candidate] = []
+        seqs: list[int] = []
         for c in candidates:
             if c.key in self.scores or any(f.key == c.key for f in fresh):
                 continue
+            self.proposed += 1
             if c.key in self.known:
                 self.scores[c.key] = (c, self.known[c.key])
                 self.reused += 1
             else:
                 fresh.append(c)
+                seqs.append(self.proposed - 1)
         # The first batch always runs, so that every search has a best candidate to return.
         if fresh and (not self.scores or self.check_stop() is None):
             if self.stop.max_candidates is not None:
-                fresh = fresh[:self.stop.max_candidates - self.evaluations]
-            if self.evaluate_many is not None and len(fresh) > 1:
-                scores = self.evaluate_many(fresh)
-            else:
-                scores = [self.objective(c) for c in fresh]
-            for c, s in zip(fresh, scores, strict=True):
-                self.scores[c.key] = (c, s)
+                fresh = fresh[:self.stop.max_candidates - self.done]
+
+            def done(i: int, score: Score) -> None:
+                self.scores[fresh[i].key] = (fresh[i], score)
                 self.evaluations += 1
                 if self.on_scored is not None:
-                    self.on_scored(c, s)
+                    self.on_scored(seqs[i], fresh[i], score)
+                self._report()
+
+            if self.evaluate_many is not None and len(fresh) > 1:
+                self.evaluate_many(fresh, done)
+            else:
+                for i, c in enumerate(fresh):
+                    if self.cancelled is not None and self.cancelled():
+                        raise SearchCancelled("search cancelled")
+                    done(i, self.objective(c))
         self._report()
         return [self.scores[c.key][1] if c.key in self.scores else None for c in candidates]
 
@@ -210,7 +235,7 @@ class SearchRun:
         when none is feasible, the one closest to the budget."""
         if not self.scores:
             raise RuntimeError("no candidate was evaluated: the stop criteria allow none")
-        self.expected = self.evaluations + self.reused  # the estimate counted repeats: settle it
+        self.expected = self.done  # the estimate counted repeats: settle it
         self._report()
         if best is None:
             best = min((c for c, _ in self.scores.values()),

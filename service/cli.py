@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _widths(text: str) -> list[tuple[int, int]]:
@@ -81,6 +82,94 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    from .db import downgrade, upgrade
+    from .settings import get_settings
+
+    url = get_settings().db_url
+    if args.action == "upgrade":
+        upgrade(url, args.revision or "head")
+    else:
+        downgrade(url, args.revision or "base")
+    print(f"tsptq: database {args.action}d ({_safe_url(url)})")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The dispatcher alone: claims queued jobs and runs them on Ray until interrupted."""
+    import signal
+    import threading
+
+    from .dispatcher import Dispatcher
+    from .settings import get_settings
+    from .store import Store
+
+    _logging(args.log_level)
+    settings = get_settings()
+    if args.migrate:
+        from .db import upgrade
+
+        upgrade(settings.db_url)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    store = Store.from_url(settings.db_url, chunk_bytes=settings.chunk_bytes)
+    Dispatcher(store, settings).run_forever(stop, poll_s=args.poll)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """API in this process, plus (unless --api-only) one dispatcher as a child process: either
+    can be killed and restarted without the other losing work."""
+    import os
+    import subprocess
+
+    import uvicorn
+
+    from .db import upgrade
+    from .settings import get_settings
+
+    _logging(args.log_level)
+    settings = get_settings()
+    upgrade(settings.db_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    for root in settings.data_roots:
+        if not root.exists() and root.is_relative_to(settings.data_dir):
+            root.mkdir(parents=True, exist_ok=True)
+    child = None
+    if not args.api_only:
+        child = subprocess.Popen([sys.executable, "-m", "service.cli", "worker",
+                                  "--log-level", args.log_level], env=os.environ.copy())
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    print(f"tsptq: serving on http://{host}:{port} (database {_safe_url(settings.db_url)}; "
+          f"dispatcher {'pid ' + str(child.pid) if child else 'not started'})", flush=True)
+    try:
+        uvicorn.run("api.app:create_app", factory=True, host=host, port=port,
+                    log_level=args.log_level.lower(), access_log=False)
+    finally:
+        if child is not None:
+            child.terminate()
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsptq", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -96,6 +185,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--setting", default="full", choices=("full", "partial"))
     q.add_argument("--out", help="checkpoint path of the first method at the first width")
     q.set_defaults(func=cmd_quantize)
+
+    sv = sub.add_parser("serve", help="the API, a dispatcher and a local Ray (the embedded "
+                        "default: SQLite under TSPTQ_DATA_DIR)")
+    sv.add_argument("--host", help="default: TSPTQ_HOST or 127.0.0.1")
+    sv.add_argument("--port", type=int, help="default: TSPTQ_PORT or 8000")
+    sv.add_argument("--api-only", action="store_true",
+                    help="no dispatcher (run `tsptq worker` elsewhere)")
+    sv.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    sv.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="a dispatcher alone: runs queued jobs on Ray (a local "
+                       "Ray, or the cluster named by RAY_ADDRESS)")
+    w.add_argument("--poll", type=float, default=1.0, help="seconds between polls when idle")
+    w.add_argument("--migrate", action="store_true", help="upgrade the database first")
+    w.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    w.set_defaults(func=cmd_worker)
+
+    db = sub.add_parser("db", help="database migrations (TSPTQ_DATABASE_URL, or SQLite)")
+    db.add_argument("action", choices=("upgrade", "downgrade"))
+    db.add_argument("revision", nargs="?", help="default: head (upgrade), base (downgrade)")
+    db.set_defaults(func=cmd_db)
+
+    from .cli_client import register
+
+    register(sub)
     return p
 
 

@@ -201,23 +201,30 @@ class Store:
             s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
                       .values(**values))
 
-    def finish(self, job_id: str, result: dict[str, Any], timings: dict[str, Any]) -> bool:
+    # ``worker_id``, when given: act only while that dispatcher still owns the job (one that
+    # lost it as stale must not overwrite the run that took over).
+
+    def finish(self, job_id: str, result: dict[str, Any], timings: dict[str, Any],
+               worker_id: str | None = None) -> bool:
         """Running → succeeded. False (and no change) if the job was not running."""
-        return self._end(job_id, status="succeeded", result=result, timings=timings)
+        return self._end(job_id, worker_id, status="succeeded", result=result, timings=timings)
 
-    def fail(self, job_id: str, error: str, timings: dict[str, Any] | None = None) -> bool:
+    def fail(self, job_id: str, error: str, timings: dict[str, Any] | None = None,
+             worker_id: str | None = None) -> bool:
         """Running → failed. False (and no change) if the job was not running."""
-        return self._end(job_id, status="failed", error=error, timings=timings)
+        return self._end(job_id, worker_id, status="failed", error=error, timings=timings)
 
-    def mark_cancelled(self, job_id: str) -> bool:
+    def mark_cancelled(self, job_id: str, worker_id: str | None = None) -> bool:
         """Running → cancelled. False (and no change) if the job was not running."""
-        return self._end(job_id, status="cancelled")
+        return self._end(job_id, worker_id, status="cancelled")
 
-    def _end(self, job_id: str, **values: Any) -> bool:
+    def _end(self, job_id: str, worker_id: str | None, **values: Any) -> bool:
+        where = [Job.id == job_id, Job.status == "running"]
+        if worker_id is not None:
+            where.append(Job.claimed_by == worker_id)
         with self._tx(write=True) as s:
             return bool(s.execute(
-                update(Job).where(Job.id == job_id, Job.status == "running")
-                .values(finished_at=utcnow(), **values)).rowcount)
+                update(Job).where(*where).values(finished_at=utcnow(), **values)).rowcount)
 
     # -- candidates ---------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import timm
 import torch
@@ -11,6 +13,9 @@ from quant import QuantConfig, quantize
 # One thread: on a busy machine torch's default thread pool makes one tiny calibration take ~19 s
 # instead of ~0.2 s (measured); results do not depend on it.
 torch.set_num_threads(1)
+# Nothing may be downloaded: a pretrained model that is not on disk fails at once, not after
+# the hub client's retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
 SWIN_KWARGS = dict(img_size=32, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 4),

@@ -125,7 +125,7 @@ def test_known_scores_are_reused_not_recomputed(setup):
     space, objective = setup
     seen = []
     first = greedy_mixed_precision(SearchRun(space, objective, BUDGET,
-                                             on_scored=lambda c, s: seen.append((c.key, s))))
+                                             on_scored=lambda i, c, s: seen.append((c.key, s))))
     assert len(seen) == first.evaluations
     known = dict(seen[: len(seen) // 2])
     calls = []

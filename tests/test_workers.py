@@ -11,7 +11,14 @@ from conftest import FAST
 from quant import Calibrator, QuantConfig
 from search.objective import Objective
 from search.space import Candidate, SearchSpace
-from search.strategies import Budget, greedy_mixed_precision
+from search.strategies import (
+    Budget,
+    EvolutionSettings,
+    SearchCancelled,
+    SearchRun,
+    evolutionary_search,
+    greedy_mixed_precision,
+)
 from workers.evaluator import EvaluatorPool, JobContext
 
 
@@ -51,11 +58,14 @@ def test_search_result_does_not_depend_on_worker_count(ray_local, job):
     for workers in (1, 2):
         pool = EvaluatorPool(job, workers)
         try:
-            res = greedy_mixed_precision(space, pool, Budget(6.5, 7.0),
-                                         evaluate_many=pool.map)
+            greedy = greedy_mixed_precision(SearchRun(space, pool, Budget(6.5, 7.0),
+                                                      evaluate_many=pool.map))
+            evo = evolutionary_search(SearchRun(space, pool, Budget(6.5, 7.0),
+                                                evaluate_many=pool.map),
+                                      EvolutionSettings(population=4, generations=2))
         finally:
             pool.shutdown()
-        keys.append((res.best.key, [p["key"] for p in res.front]))
+        keys.append([(r.best.key, [p["key"] for p in r.front]) for r in (greedy, evo)])
     assert keys[0] == keys[1]
 
 
@@ -73,12 +83,12 @@ def test_cancel_stops_the_map(ray_local, job):
     pool = EvaluatorPool(job, 1)
     calls = []
 
-    def done(n):
-        calls.append(n)
+    def done(i, score):
+        calls.append(i)
         pool.cancel()
 
     try:
-        with pytest.raises(RuntimeError, match="cancelled"):
+        with pytest.raises(SearchCancelled):
             pool.map(CANDIDATES, done=done)
         assert len(calls) == 1
     finally:

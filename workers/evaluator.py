@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from quant import Calibrator, QuantConfig
 from search.objective import Objective, Score
 from search.space import Candidate
+from search.strategies import SearchCancelled
 
 
 @dataclass
@@ -54,15 +55,20 @@ class CandidateEvaluator:
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus,
-                 include_dashboard=False, log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS")
+        if address:  # a cluster's resources are its own: num_cpus applies to a local Ray only
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 class EvaluatorPool:
     """``pool.map(candidates)`` scores candidates on ``workers`` actors, one task per actor in
-    flight (``ray.wait`` hands the next candidate to whichever finishes); ``cancel`` stops it."""
+    flight (``ray.wait`` hands the next candidate to whichever finishes); ``cancel`` (or a
+    ``cancelled()`` callable returning True) stops it and cancels the tasks in flight."""
 
-    def __init__(self, context: JobContext, workers: int) -> None:
+    def __init__(self, context: JobContext, workers: int,
+                 cancelled: Callable[[], bool] | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         ensure_ray()
@@ -70,10 +76,15 @@ class EvaluatorPool:
         gpus = 1 if torch.cuda.is_available() else 0
         self.actors = [CandidateEvaluator.options(num_gpus=gpus).remote(self.context_ref)
                        for _ in range(workers)]
-        self.cancelled = False
+        self._cancel = False
+        self._cancelled = cancelled
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel or (self._cancelled is not None and self._cancelled())
 
     def map(self, candidates: Sequence[Candidate],
-            done: Callable[[int], None] | None = None) -> list[Score]:
+            done: Callable[[int, Score], None] | None = None) -> list[Score]:
         results: list[Score | None] = [None] * len(candidates)
         pending: dict = {}
         idle = list(range(len(self.actors)))
@@ -82,26 +93,27 @@ class EvaluatorPool:
             if self.cancelled:
                 for ref in pending:
                     ray.cancel(ref)
-                raise RuntimeError("search cancelled")
+                raise SearchCancelled("search cancelled")
             while queue and idle:
                 i, cand = queue.pop(0)
                 a = idle.pop(0)
                 pending[self.actors[a].score.remote(cand.to_dict())] = (i, a)
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            # A timeout, so that a cancel is seen while a long candidate runs.
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 i, a = pending.pop(ref)
                 kl, agreement = ray.get(ref)
                 results[i] = Score(kl=kl, agreement=agreement)
                 idle.append(a)
                 if done is not None:
-                    done(1)
+                    done(i, results[i])
         return results  # type: ignore[return-value]
 
     def __call__(self, candidate: Candidate) -> Score:
         return self.map([candidate])[0]
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self._cancel = True
 
     def shutdown(self) -> None:
         for a in self.actors:

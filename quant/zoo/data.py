@@ -44,9 +44,10 @@ def digits_data(calib_size: int = 32, seed: int = 0, val_size: int = 0) -> EvalD
 
 
 def image_folder_data(root: str | Path, model: nn.Module, calib_size: int = 32, seed: int = 0,
-                      limit: int | None = None) -> EvalData:
-    """``root/train`` (calibration) and ``root/val`` (evaluation) in torchvision's ImageFolder
-    layout, preprocessed with the model's own timm data config (as its weights expect)."""
+                      limit: int | None = None, val_size: int = 0) -> EvalData:
+    """``root/train`` (calibration, and ``val_size`` other images that score search
+    candidates) and ``root/val`` (evaluation) in torchvision's ImageFolder layout, preprocessed
+    with the model's own timm data config (as its weights expect)."""
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
@@ -68,4 +69,6 @@ def image_folder_data(root: str | Path, model: nn.Module, calib_size: int = 32, 
     calib = torch.stack([train[i][0] for i in ids])
     n_val = len(val) if limit is None else min(limit, len(val))
     xs, ys = zip(*(val[i] for i in range(n_val)), strict=True)
-    return EvalData(calib, torch.stack(xs), torch.tensor(ys), ids)
+    held_out = pick_validation(len(train), ids, val_size, seed)
+    x_val = torch.stack([train[i][0] for i in held_out]) if held_out else torch.empty(0)
+    return EvalData(calib, torch.stack(xs), torch.tensor(ys), ids, x_val)

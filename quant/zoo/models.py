@@ -17,7 +17,13 @@ def load_model(name: str, weights: str | Path = "pretrained", **kwargs) -> nn.Mo
     if weights == "random":
         model = timm.create_model(name, pretrained=False, **kwargs)
     elif weights == "pretrained":
-        model = timm.create_model(name, pretrained=True, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as e:  # hub unreachable, not cached, no such weights
+            raise FileNotFoundError(
+                f"pretrained weights for {name} could not be loaded ({type(e).__name__}: "
+                f"{str(e)[:200]}); this machine may be offline: give a local weights file "
+                "(or, in the service, upload one with POST /models)") from None
     else:
         path = Path(weights)
         if not path.is_file():
@@ -31,3 +37,17 @@ def load_model(name: str, weights: str | Path = "pretrained", **kwargs) -> nn.Mo
             raise ValueError(f"cannot load weights for {name} from {path}: "
                              f"{type(e).__name__}: {str(e)[:300]}") from None
     return model.eval()
+
+
+def check_supported(name: str) -> None:
+    """Fail fast, without weights or memory, when ``name`` is not a timm model or not an
+    architecture the library can quantize: the model is built on the meta device."""
+    import torch
+
+    from quant.adapters import find_adapter
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}")
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    find_adapter(model)  # raises UnsupportedModelError naming the class

@@ -1,0 +1,171 @@
+"""The dispatcher: claims queued jobs from the store and runs them on Ray through ``workers``.
+
+Any number of dispatchers may share one database (claims are atomic). While a job runs, a
+heartbeat thread stamps it every ``heartbeat_s``; it also watches for a cancel request, and for
+the loss of the job (requeued as stale and claimed by another dispatcher), and stops the Ray work
+in either case. A dispatcher that dies stops heartbeating: after ``stale_after_s`` any dispatcher
+requeues the job, and the next run reuses every candidate the first one stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from quant import CheckpointError, QuantConfig
+from quant.modules import UnsupportedModelError
+from quant.zoo.models import check_supported
+from search.objective import Score
+from search.space import Candidate
+from search.strategies import Budget, EvolutionSettings, SearchCancelled, StopCriteria
+from workers.jobs import JobHooks, JobInputs, run_job
+
+from .jobspec import DIGITS, DataPathError, JobSpec, resolve_data_dir
+from .settings import Settings
+from .store import DatabaseUnavailable, Store
+
+log = logging.getLogger("tsptq.dispatcher")
+
+# Errors whose message tells a user what to fix in the request; anything else is reported as an
+# internal error with its type.
+USER_ERRORS = (ValueError, FileNotFoundError, UnsupportedModelError, CheckpointError,
+               DataPathError)
+
+
+class JobLost(RuntimeError):
+    """This dispatcher no longer owns the job (requeued as stale, or finished elsewhere)."""
+
+
+def inputs_of(spec: JobSpec, settings: Settings, weights: str | Path, workers: int) -> JobInputs:
+    q, s = spec.quant, spec.search
+    data = DIGITS if spec.data.source == DIGITS else resolve_data_dir(spec.data.source,
+                                                                       settings.data_roots)
+    return JobInputs(
+        model=spec.model, weights=weights, data=data, calib_size=spec.data.calib_size,
+        val_size=spec.data.val_size, test_limit=spec.data.test_limit,
+        config=QuantConfig(method=q.method, setting=q.setting, w_bits=q.w_bits,
+                           a_bits=q.a_bits, seed=q.seed, calib_size=spec.data.calib_size),
+        strategy=s.strategy, budget=Budget(s.budget_weight_bits, s.budget_activation_bits),
+        stop=StopCriteria(s.max_candidates, s.time_budget_s, s.target_agreement),
+        evolution=EvolutionSettings(population=s.population, generations=s.generations,
+                                    seed=q.seed),
+        workers=workers)
+
+
+class Dispatcher:
+    def __init__(self, store: Store, settings: Settings, worker_id: str | None = None) -> None:
+        self.store, self.settings = store, settings
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+    def run_forever(self, stop: threading.Event, poll_s: float = 1.0) -> None:
+        log.info("dispatcher %s started", self.worker_id)
+        while not stop.is_set():
+            try:
+                if self.run_once() is None:
+                    stop.wait(poll_s)
+            except DatabaseUnavailable as e:
+                log.warning("database unavailable (%s); retrying in %.0f s", e, 2 * poll_s)
+                stop.wait(2 * poll_s)
+
+    def run_once(self) -> str | None:
+        """Requeue stale jobs, then claim and run one job; its id, or None if none was queued."""
+        for job_id in self.store.requeue_stale(self.settings.stale_after_s):
+            log.warning("job %s: its dispatcher stopped heartbeating; requeued", job_id)
+        job = self.store.claim_next(self.worker_id)
+        if job is None:
+            return None
+        self.run(job.id, job.request)
+        return job.id
+
+    def run(self, job_id: str, request: dict) -> None:
+        cancel = threading.Event()
+        lost = threading.Event()
+        beating = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job_id, cancel, lost, beating),
+                                daemon=True, name=f"heartbeat-{job_id[:8]}")
+        beat.start()
+        t0 = time.perf_counter()
+        try:
+            self._run(job_id, request, cancel, lost)
+        except SearchCancelled:
+            if lost.is_set():
+                log.warning("job %s: lost to another dispatcher; dropped", job_id)
+            else:
+                self.store.mark_cancelled(job_id, self.worker_id)
+                log.info("job %s: cancelled", job_id)
+        except JobLost:
+            log.warning("job %s: lost to another dispatcher; dropped", job_id)
+        except USER_ERRORS as e:
+            self.store.fail(job_id, f"{e}", {"total_s": round(time.perf_counter() - t0, 2)},
+                            self.worker_id)
+            log.info("job %s failed: %s", job_id, e)
+        except Exception as e:
+            log.exception("job %s: internal error", job_id)
+            self.store.fail(job_id, f"internal error: {type(e).__name__}: {e}",
+                            {"total_s": round(time.perf_counter() - t0, 2)}, self.worker_id)
+        finally:
+            beating.set()
+            beat.join(timeout=5)
+
+    def _run(self, job_id: str, request: dict, cancel: threading.Event,
+             lost: threading.Event) -> None:
+        spec = JobSpec.model_validate(request)
+        check_supported(spec.model)  # before any weights are fetched
+        store = self.store
+        with tempfile.TemporaryDirectory(prefix=f"tsptq-{job_id[:8]}-") as tmp:
+            tmp_dir = Path(tmp)
+            weights: str | Path = spec.weights
+            if spec.uploaded_model_id is not None:
+                weights = store.write_model_to(spec.uploaded_model_id,
+                                               tmp_dir / "weights.safetensors")
+            inputs = inputs_of(spec, self.settings, weights, self.settings.ray_workers)
+            known = {k: Score(kl, agr) for k, (kl, agr) in store.candidate_scores(job_id).items()}
+            if known:
+                log.info("job %s: resuming with %d candidates already scored", job_id, len(known))
+            last = [0.0, ""]
+
+            def progress(done: int, total: int, stage: str) -> None:
+                now = time.monotonic()  # at most a few writes a second, every stage change
+                if stage != last[1] or done >= total or now - last[0] > 0.5:
+                    last[:] = [now, stage]
+                    store.set_progress(job_id, done, total, stage)
+
+            def on_scored(seq: int, cand: Candidate, score: Score, point: dict) -> None:
+                costs = {k: point[k] for k in ("weight_bits", "activation_bits",
+                                               "weight_bytes", "bitops")}
+                store.add_candidate(job_id, cand.key, seq, cand.to_dict(), score.kl,
+                                    score.agreement, costs)
+
+            hooks = JobHooks(progress=progress, on_scored=on_scored, known=known,
+                             cancelled=cancel.is_set)
+            out = run_job(inputs, tmp_dir / "out", hooks)
+            if lost.is_set() or not store.heartbeat(job_id, self.worker_id):
+                raise JobLost(job_id)
+            if cancel.is_set():
+                raise SearchCancelled("cancelled while building artifacts")
+            for kind, path, media_type in out.files:
+                name = path.name if kind != "plot" else f"plots/{path.name}"
+                store.add_artifact(job_id, kind, name, media_type, path)
+            if not store.finish(job_id, out.result, out.timings, self.worker_id):
+                raise JobLost(job_id)
+            log.info("job %s succeeded: top-1 %.4f", job_id, out.result["top1"])
+
+    def _heartbeat(self, job_id: str, cancel: threading.Event, lost: threading.Event,
+                   done: threading.Event) -> None:
+        while not done.wait(self.settings.heartbeat_s):
+            try:
+                if not self.store.heartbeat(job_id, self.worker_id):
+                    lost.set()
+                    cancel.set()
+                    return
+                job = self.store.get_job(job_id)
+                if job is not None and job.cancel_requested:
+                    cancel.set()
+            except DatabaseUnavailable as e:  # keep working; the next beat tries again
+                log.warning("job %s: heartbeat failed: %s", job_id, e)

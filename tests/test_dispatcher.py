@@ -1,0 +1,124 @@
+"""The dispatcher against a real database: a job runs to its artifacts; failures carry a message
+a user can act on; cancel stops Ray work; a stale job is requeued and resumes without
+recomputing its finished candidates."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+import ray
+from db_fixtures import db_url_fixture  # noqa: F401
+
+from quant import load_quantized
+from quant.evaluate import compare, logits_of
+from quant.zoo.data import digits_data
+from quant.zoo.models import load_model
+from service.db import upgrade
+from service.dispatcher import Dispatcher
+from service.settings import Settings
+from service.store import Store
+
+# Small and quick: 8 calibration images, 32 validation images, 90 test images.
+SMALL = {"data": {"calib_size": 8, "val_size": 32, "test_limit": 90}}
+
+
+def make(db_url: str, tmp_path, **kw) -> tuple[Store, Dispatcher]:
+    upgrade(db_url)
+    settings = Settings(database_url=db_url, data_dir=tmp_path, heartbeat_s=0.2,
+                        stale_after_s=1.0, ray_workers=1, chunk_bytes=64 * 1024, **kw)
+    store = Store.from_url(db_url, chunk_bytes=settings.chunk_bytes)
+    return store, Dispatcher(store, settings, worker_id="test-dispatcher")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+
+
+def test_job_runs_to_verified_artifacts(db_url, tmp_path):
+    store, dispatcher = make(db_url, tmp_path)
+    job = store.create_job(SMALL | {"model": "digits_vit"})
+    assert dispatcher.run_once() == job.id
+    done = store.get_job(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.progress_done == done.progress_total == 1 and done.stage == "artifacts"
+    assert set(done.timings) >= {"search_s", "total_s"}
+    assert [c.key for c in store.candidates(job.id)] == [done.result["search"]["key"]]
+    arts = {a.name: a for a in store.artifacts(job.id)}
+    assert {"report.json", "digits_vit_tsptq_w8a8.safetensors"} <= set(arts)
+    assert any(n.startswith("plots/hist_") and n.endswith(".png") for n in arts)
+    ckpt = arts["digits_vit_tsptq_w8a8.safetensors"]
+    blob = b"".join(store.iter_artifact(ckpt.id))
+    assert len(blob) == ckpt.size == done.result["size_bytes"]
+    assert hashlib.sha256(blob).hexdigest() == ckpt.sha256
+    path = tmp_path / "ckpt.safetensors"
+    path.write_bytes(blob)
+    data = digits_data(8)
+    x, y = data.x_test[:90], data.y_test[:90]
+    res = compare(logits_of(load_model("digits_vit"), x), logits_of(load_quantized(path), x), y)
+    assert res.top1 == pytest.approx(done.result["top1"])  # the reported accuracy is the file's
+    assert dispatcher.run_once() is None  # nothing left
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"model": "resnet50"}, "unsupported architecture ResNet"),
+    ({"model": "digits_vit", "weights": "model:" + "0" * 32}, "0" * 32),
+    ({"model": "digits_vit", "data": {"source": "nowhere"}}, "not a directory under any"),
+])
+def test_failures_carry_an_actionable_message(tmp_path, request_, message):
+    store, dispatcher = make(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    job = store.create_job(request_)
+    dispatcher.run_once()
+    failed = store.get_job(job.id)
+    assert failed.status == "failed" and message in failed.error
+    assert "Traceback" not in failed.error
+
+
+def test_cancel_stops_a_running_search(tmp_path, ray_local):
+    store, dispatcher = make(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    job = store.create_job(SMALL | {"search": {"strategy": "thresholds"}})
+
+    def cancel_after_first_candidate():
+        while not store.candidates(job.id):
+            time.sleep(0.1)
+        store.request_cancel(job.id)
+
+    t = threading.Thread(target=cancel_after_first_candidate, daemon=True)
+    t.start()
+    start = time.monotonic()
+    dispatcher.run_once()
+    t.join(5)
+    final = store.get_job(job.id)
+    assert final.status == "cancelled"
+    assert len(store.candidates(job.id)) < 1 + 72 + 16 * 9  # far from the whole search
+    assert time.monotonic() - start < 120
+    assert store.artifacts(job.id) == []
+
+
+def test_stale_job_is_requeued_and_resumes_without_recomputing(tmp_path, ray_local):
+    store, dispatcher = make(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    spec = SMALL | {"search": {"strategy": "thresholds", "max_candidates": 6}}
+    first = store.create_job(spec)
+    dispatcher.run_once()
+    reference = store.get_job(first.id)
+    assert reference.status == "succeeded", reference.error
+    assert reference.result["search"]["evaluations"] == 6
+
+    job = store.create_job(spec)
+    store.claim_next("a-dispatcher-that-dies")
+    for c in store.candidates(first.id)[:4]:  # it had scored four candidates when it died
+        store.add_candidate(job.id, c.key, c.seq, c.spec, c.kl, c.agreement, c.costs)
+    time.sleep(1.2)  # its heartbeat goes stale
+    assert dispatcher.run_once() == job.id
+    resumed = store.get_job(job.id)
+    assert resumed.status == "succeeded" and resumed.claims == 2
+    assert resumed.result["search"]["reused"] == 4
+    assert resumed.result["search"]["evaluations"] == 2
+    assert resumed.result["candidate"] == reference.result["candidate"]
+    assert [c.key for c in store.candidates(job.id)] == [c.key for c in
+                                                         store.candidates(first.id)]

@@ -1,0 +1,214 @@
+"""One quantization job from start to artifacts: load the model and data once, collect the
+calibration statistics once, search (candidates scored on Ray actors that share them), then build
+the best candidate's checkpoint, report and plots.
+
+Used by the service's dispatcher and by ``python -m search.run``; it knows nothing of either
+(no database, no HTTP): progress, each finished candidate and cancellation go through
+``JobHooks``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from quant import Calibrator, QuantConfig, save_quantized
+from quant.evaluate import compare, logits_of
+from quant.zoo.data import EvalData, digits_data, image_folder_data
+from quant.zoo.models import load_model
+from search.objective import Objective, Score
+from search.space import Candidate, SearchSpace
+from search.strategies import (
+    Budget,
+    EvolutionSettings,
+    SearchResult,
+    SearchRun,
+    StopCriteria,
+    evolutionary_search,
+    greedy_mixed_precision,
+    threshold_search,
+)
+
+from .plots import plot_front, plot_histograms
+
+STRATEGIES = ("none", "greedy", "thresholds", "evolutionary")
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    model: str = "digits_vit"
+    weights: str | Path = "pretrained"  # "pretrained", "random", or a local weights file
+    data: str | Path = "digits"         # "digits", or an ImageFolder root (train/, val/)
+    calib_size: int = 32
+    val_size: int = 256
+    test_limit: int | None = None
+    config: QuantConfig = QuantConfig()
+    strategy: str = "none"
+    budget: Budget = Budget()
+    stop: StopCriteria = StopCriteria()
+    evolution: EvolutionSettings = EvolutionSettings()
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+
+
+@dataclass
+class JobHooks:
+    """``progress(done, total, stage)``; ``on_scored(seq, candidate, score, costs)``; ``known``:
+    key → score of candidates an earlier run of this job already measured (not recomputed);
+    ``cancelled()``: polled while the search runs."""
+
+    progress: Callable[[int, int, str], None] | None = None
+    on_scored: Callable[[int, Candidate, Score, dict], None] | None = None
+    known: dict[str, Score] = field(default_factory=dict)
+    cancelled: Callable[[], bool] | None = None
+
+
+@dataclass
+class JobOutput:
+    result: dict
+    timings: dict
+    # (kind, path, media type): the checkpoint, report.json and the PNG plots.
+    files: list[tuple[str, Path, str]]
+
+
+def load_data(inputs: JobInputs, model: torch.nn.Module) -> EvalData:
+    seed = inputs.config.seed
+    if str(inputs.data) == "digits":
+        data = digits_data(inputs.calib_size, seed, val_size=inputs.val_size)
+        if inputs.test_limit is not None:
+            data = EvalData(data.calib, data.x_test[:inputs.test_limit],
+                            data.y_test[:inputs.test_limit], data.calib_ids, data.x_val)
+        return data
+    return image_folder_data(inputs.data, model, inputs.calib_size, seed,
+                             limit=inputs.test_limit, val_size=inputs.val_size)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import timm
+
+    try:
+        tsptq_version = version("tsptq")
+    except PackageNotFoundError:
+        tsptq_version = "unknown"
+    return {"tsptq": tsptq_version, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def _search(inputs: JobInputs, run: SearchRun) -> SearchResult:
+    if inputs.strategy == "greedy":
+        return greedy_mixed_precision(run)
+    if inputs.strategy == "thresholds":
+        return threshold_search(run)
+    if inputs.strategy == "evolutionary":
+        return evolutionary_search(run, inputs.evolution)
+    run.expect(1)
+    run.evaluate([Candidate.make()])
+    return run.result()
+
+
+def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> JobOutput:
+    hooks = hooks or JobHooks()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = "loading"
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if hooks.progress is not None:
+            hooks.progress(done, total, stage)
+
+    progress(0, 0)
+    base = inputs.config
+    model = load_model(inputs.model, inputs.weights)
+    data = load_data(inputs, model)
+    if inputs.strategy != "none" and len(data.x_val) == 0:
+        raise ValueError("a search needs held-out training images to score candidates, and "
+                         "the training split has none beyond the calibration images: lower "
+                         "data.calib_size or add training images")
+    stage = "statistics"
+    progress(0, 0)
+    calibrator = Calibrator(model, data.calib, base)
+    base_model = calibrator.calibrate(base)
+    space = SearchSpace.from_model(base_model, data.calib)
+    t1 = time.perf_counter()
+
+    stage = "search"
+    on_scored = None
+    if hooks.on_scored is not None:
+        def on_scored(seq: int, cand: Candidate, score: Score) -> None:
+            hooks.on_scored(seq, cand, score, run.point(cand, score))
+
+    pool = None
+    if inputs.strategy != "none":
+        from .evaluator import EvaluatorPool, JobContext
+
+        pool = EvaluatorPool(JobContext(model, calibrator, data.x_val, base), inputs.workers,
+                             cancelled=hooks.cancelled)
+    try:
+        # Without held-out images (a tiny ImageFolder), the one candidate of ``none`` is scored
+        # on the calibration images; it chooses nothing, and the report says so.
+        val = data.x_val if len(data.x_val) else data.calib
+        objective = pool if pool is not None else Objective(model, calibrator, val, base)
+        run = SearchRun(space, objective, inputs.budget, inputs.stop,
+                        evaluate_many=pool.map if pool is not None else None,
+                        known=hooks.known, on_scored=on_scored, progress=progress,
+                        cancelled=hooks.cancelled)
+        result = _search(inputs, run)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    t2 = time.perf_counter()
+
+    stage = "artifacts"
+    progress(run.done, run.done)
+    best = calibrator.calibrate(result.best.config(base))
+    test = compare(logits_of(model, data.x_test), logits_of(best, data.x_test), data.y_test)
+    name = f"{inputs.model}_{base.method}_w{base.w_bits}a{base.a_bits}"
+    ckpt = save_quantized(best, out_dir / f"{name}.safetensors", metrics=test.to_dict())
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    files = [("checkpoint", Path(ckpt), "application/octet-stream")]
+    plots = out_dir / "plots"
+    if inputs.strategy != "none":
+        files.append(("plot", plot_front(result.front, _mk(plots) / "pareto_front.png"),
+                      "image/png"))
+    files += [("plot", p, "image/png") for p in plot_histograms(best, data.calib, plots)]
+    t3 = time.perf_counter()
+    timings = {"load_and_statistics_s": round(t1 - t0, 2), "search_s": round(t2 - t1, 2),
+               "artifacts_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2)}
+    size = Path(ckpt).stat().st_size
+    summary = result.to_dict()
+    front = summary.pop("front")
+    out = {**test.to_dict(), "size_bytes": size, "fp32_size_bytes": fp32_bytes,
+           "compression": round(fp32_bytes / size, 2), "candidate": result.best.to_dict(),
+           "search": summary}
+    report = {"model": inputs.model, "weights": str(inputs.weights), "strategy": inputs.strategy,
+              "config": asdict(base), "seed": base.seed, "result": out, "pareto_front": front,
+              "budget": asdict(inputs.budget), "stop": asdict(inputs.stop),
+              "calibration_sample_ids": data.calib_ids, "test_images": len(data.y_test),
+              "validation_images": len(data.x_val),
+              "candidates_scored_on": "validation" if len(data.x_val) else "calibration",
+              "layers": best.layer_report(),
+              "costs": result.costs, "versions": _versions(), "timings": timings,
+              "workers": inputs.workers}
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    files.insert(1, ("report", report_path, "application/json"))
+    return JobOutput(out, timings, files)
+
+
+def _mk(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
