@@ -135,6 +135,11 @@ async def _on_store_error(request: Request, exc: StoreError) -> JSONResponse:
     return JSONResponse(status_code=500, content={"detail": f"internal store error: {exc}"})
 
 
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Logged (with the traceback) by the server; the client gets a JSON body all the same.
+    return JSONResponse(status_code=500, content={"detail": "internal server error"})
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app`` (the most specific exception class wins)."""
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]
@@ -143,3 +148,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, _on_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(TooLarge, _on_too_large)  # type: ignore[arg-type]
     app.add_exception_handler(StoreError, _on_store_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -207,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("revision", nargs="?", help="default: head (upgrade), base (downgrade)")
     db.set_defaults(func=cmd_db)
 
+    from . import demo
     from .cli_client import register
 
     register(sub)
+    demo.register(sub)
     return p
 
 

@@ -21,7 +21,7 @@ from api.routes.models import BadFile, RefusedFormat, check_safetensors
 from service.db import upgrade
 from service.models import UploadedModel
 from service.settings import Settings
-from service.store import Store
+from service.store import Store, StoreError
 
 CHUNK = 64  # small store chunks: downloads span several
 MAX_UPLOAD = 8192
@@ -353,7 +353,7 @@ def test_upload_refused(client, store):
                         headers={"content-type": "application/octet-stream"})
         assert r.status_code == code, (what, r.text)
         assert message in _detail(r), (what, r.text)
-    for name in ("", "x" * 256):
+    for name in ("", "x" * 256, "a\x00b", "line\nbreak"):
         assert client.post("/models", params={"name": name}, content=good).status_code == 422
     assert _models(store) == 0
 
@@ -480,3 +480,27 @@ def test_openapi(client):
     assert "application/octet-stream" in \
         schema["paths"]["/models"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
+    # 405 names every method of the path, though each method is its own route.
+    for path, allow in (("/jobs", "GET, POST"), (f"/jobs/{UNKNOWN}", "GET, DELETE"),
+                        ("/healthz", "GET")):
+        r = client.request("OPTIONS", path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, path
+        assert _detail(r) == "Method Not Allowed"
+
+
+def test_unexpected_errors_are_json(client, store, monkeypatch):
+    client = TestClient(client.app, raise_server_exceptions=False)
+
+    def corrupt(job_id):
+        raise StoreError(f"job {job_id} is corrupt")
+
+    monkeypatch.setattr(store, "get_job", corrupt)
+    r = client.get(f"/jobs/{UNKNOWN}")
+    assert r.status_code == 500 and _detail(r) == f"internal store error: job {UNKNOWN} is corrupt"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(store, "list_jobs", boom)
+    r = client.get("/jobs")
+    assert r.status_code == 500 and _detail(r) == "internal server error"

@@ -31,6 +31,7 @@ from api.schemas import ModelOut
 router = APIRouter(prefix="/models", tags=["models"])
 
 ID = re.compile(r"^[0-9a-f]{32}$")
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # a NUL cannot even be stored in PostgreSQL text
 MAX_HEADER_BYTES = 100 << 20
 SPOOL_BYTES = 1 << 20  # kept in memory below this, on disk above
 # Bits per element of every dtype the safetensors format defines.
@@ -145,8 +146,9 @@ def _tensor_range(name: str, entry: Any) -> tuple[int, int, str]:
     summary="Upload a model checkpoint (safetensors)")
 async def upload_model(
     request: Request, response: Response, store: StoreDep, settings: SettingsDep,
-    name: Annotated[str, Query(min_length=1, max_length=255,
-                               description="a name to remember it by")] = "model.safetensors",
+    name: Annotated[str, Query(min_length=1, max_length=255, pattern=NAME_PATTERN,
+                               description="a name to remember it by (no control characters)",
+                               )] = "model.safetensors",
 ) -> ModelOut:
     """Store a safetensors checkpoint; answers 201 with ``Location: /models/{id}`` and the
     ``weights`` value (``model:{id}``) to use in ``POST /jobs``. Nothing is ever unpickled."""

@@ -1,0 +1,162 @@
+"""Search benchmark on the digits ViT, fully quantized (issue "Search on Ray").
+
+    python -m bench.search [--json out/search_bench.json] [--budget 4.5] [--no-evolution]
+
+1. Scaling: the same greedy search (budget: mean weight bits and mean activation bits each at
+   most ``--budget``) with 1 and with 2 Ray workers, side by side in one run; search time only
+   (the statistics are collected once, before either). The two must find the same candidate.
+2. Quality: the greedy result's test top-1 against FP32 and against uniform widths (uniform
+   min-max W4A4 and TSPTQ W4A4), all measured here.
+3. The evolutionary strategy seeded with the greedy result (2 workers).
+4. The Pareto front from 8 down to 4 mean bits (a greedy run to the lowest reachable budget),
+   with test top-1 of the front points nearest 8, 7, 6, 5, 4.5 bits and of the cheapest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quant import Calibrator, QuantConfig, quantize
+from quant.evaluate import compare, logits_of
+from quant.zoo.data import digits_data
+from quant.zoo.models import load_model
+from search.space import Candidate, SearchSpace
+from search.strategies import (
+    Budget,
+    EvolutionSettings,
+    SearchResult,
+    SearchRun,
+    evolutionary_search,
+    greedy_mixed_precision,
+)
+from workers.evaluator import EvaluatorPool, JobContext, ensure_ray
+
+
+def timed_search(ctx: JobContext, space: SearchSpace, budget: Budget, workers: int,
+                 strategy=greedy_mixed_precision, **kw) -> tuple[SearchResult, SearchRun, float]:
+    pool = EvaluatorPool(ctx, workers)
+    try:
+        pool.map([Candidate.make()] * workers)  # actors up and warm before the clock starts
+        run = SearchRun(space, pool, budget, evaluate_many=pool.map)
+        t = time.perf_counter()
+        result = strategy(run, **kw)
+        return result, run, time.perf_counter() - t
+    finally:
+        pool.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--budget", type=float, default=4.5)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--no-evolution", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    ensure_ray(num_cpus=2)
+
+    base = QuantConfig()
+    model = load_model("digits_vit")
+    data = digits_data(base.calib_size, base.seed, val_size=256)
+    calibrator = Calibrator(model, data.calib, base)
+    space = SearchSpace.from_model(calibrator.calibrate(base), data.calib)
+    ctx = JobContext(model, calibrator, data.x_val, base)
+    fp = logits_of(model, data.x_test)
+
+    def test_of(cand: Candidate) -> dict:
+        q = calibrator.calibrate(cand.config(base))
+        return compare(fp, logits_of(q, data.x_test), data.y_test).to_dict()
+
+    out: dict = {"budget": args.budget, "test_images": len(data.y_test),
+                 "validation_images": len(data.x_val)}
+    budget = Budget(args.budget, args.budget)
+
+    print("1. scaling: the same greedy search with 1 and 2 workers", file=sys.stderr)
+    runs = {}
+    for workers in (1, 2):
+        res, _, secs = timed_search(ctx, space, budget, workers)
+        runs[workers] = (res, secs)
+        print(f"   {workers} worker(s): {secs:.1f} s, {res.evaluations} candidates",
+              file=sys.stderr)
+    (r1, t1), (r2, t2) = runs[1], runs[2]
+    greedy = r2
+    out["scaling"] = {"seconds_1": round(t1, 1), "seconds_2": round(t2, 1),
+                      "speedup": round(t1 / t2, 2), "candidates": r1.evaluations,
+                      "same_result": r1.best.key == r2.best.key
+                      and [q["key"] for q in r1.front] == [q["key"] for q in r2.front]}
+
+    print("2. quality", file=sys.stderr)
+    uniform = {}
+    for method in ("uniform", "tsptq"):
+        q = quantize(model, data.calib, QuantConfig(method=method, w_bits=4, a_bits=4))
+        uniform[method] = compare(fp, logits_of(q, data.x_test), data.y_test).to_dict()
+    out["quality"] = {"greedy": {"costs": greedy.costs, "test": test_of(greedy.best),
+                                 "key": greedy.best.key, "met_budget": greedy.met_budget},
+                      "uniform_w4a4": uniform["uniform"], "tsptq_w4a4": uniform["tsptq"]}
+    if not args.no_evolution:
+        print("3. evolutionary, seeded with the greedy result", file=sys.stderr)
+        evo, _, secs = timed_search(ctx, space, budget, 2, evolutionary_search,
+                                    settings=EvolutionSettings(population=8, generations=6),
+                                    seeds=[greedy.best])
+        out["quality"]["evolutionary"] = {"costs": evo.costs, "test": test_of(evo.best),
+                                          "key": evo.best.key, "seconds": round(secs, 1),
+                                          "candidates": evo.evaluations,
+                                          "val_kl": evo.score.kl, "greedy_val_kl": greedy.score.kl}
+
+    print("4. Pareto front from 8 to 4 mean bits", file=sys.stderr)
+    low, run, secs = timed_search(ctx, space, Budget(4.0, 4.0), 2)
+    cands = {k: c for k, (c, _) in run.scores.items()}
+    front = low.front
+
+    def mean(q: dict) -> float:
+        return (q["weight_bits"] + q["activation_bits"]) / 2
+
+    picks = {min(front, key=lambda q: abs(mean(q) - b))["key"] for b in (8, 7, 6, 5, 4.5)}
+    picks.add(front[0]["key"])
+    out["front"] = [{**q, "mean_bits": round(mean(q), 3),
+                     "test": test_of(cands[q["key"]]) if q["key"] in picks else None}
+                    for q in front]
+    out["front_search"] = {"seconds": round(secs, 1), "candidates": low.evaluations,
+                           "stopped_by": low.stopped_by}
+
+    s, qd = out["scaling"], out["quality"]
+    fp32 = qd["uniform_w4a4"]["fp32_top1"]
+    print(f"\nDigits ViT, fully quantized; test split {len(data.y_test)} images, FP32 top-1 "
+          f"{fp32:.2%}; candidates scored on {len(data.x_val)} held-out training images\n")
+    print("| workers | search s | candidates | same result |\n|---|---|---|---|")
+    print(f"| 1 | {s['seconds_1']} | {s['candidates']} | |")
+    print(f"| 2 | {s['seconds_2']} | {s['candidates']} | {s['same_result']} |")
+    print(f"\nspeedup with 2 workers: {s['speedup']}×\n")
+    print("| configuration | weight bits | act. bits | test top-1 | drop vs FP32 | agreement |")
+    print("|---|---|---|---|---|---|")
+    rows = [("uniform min-max W4A4", {"weight_bits": 4, "activation_bits": 4},
+             qd["uniform_w4a4"]),
+            ("TSPTQ W4A4", {"weight_bits": 4, "activation_bits": 4}, qd["tsptq_w4a4"]),
+            (f"TSPTQ greedy mixed, budget {args.budget}", qd["greedy"]["costs"],
+             qd["greedy"]["test"])]
+    if "evolutionary" in qd:
+        rows.append(("TSPTQ evolutionary (seeded by greedy)", qd["evolutionary"]["costs"],
+                     qd["evolutionary"]["test"]))
+    for name, c, t in rows:
+        print(f"| {name} | {c['weight_bits']:.2f} | {c['activation_bits']:.2f} | "
+              f"{t['top1']:.2%} | {(fp32 - t['top1']) * 100:+.2f} | {t['agreement']:.2%} |")
+    print("\n| mean bits | weight bits | act. bits | val KL | val agreement | test top-1 |")
+    print("|---|---|---|---|---|---|")
+    for q in reversed(out["front"]):
+        t = f"{q['test']['top1']:.2%}" if q["test"] else ""
+        print(f"| {q['mean_bits']:.2f} | {q['weight_bits']:.2f} | {q['activation_bits']:.2f} | "
+              f"{q['kl']:.2e} | {q['agreement']:.2%} | {t} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The README's main job against a real ``tsptq serve`` subprocess on a free port: submit the
+digits job over HTTP, follow it, download the checkpoint, check its sha256 and that its accuracy
+on the test split equals the reported one; then the same through ``tsptq demo``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from quant import load_quantized
+from quant.evaluate import compare, logits_of
+from quant.zoo.data import digits_data
+from quant.zoo.models import load_model
+from service.client import ServiceClient
+from service.demo import free_port, start_server, stop_server, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "TSPTQ_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    proc = start_server(port, env, tmp_path / "server.log")
+    client = ServiceClient(f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        wait_healthy(client, proc)
+        yield client
+    finally:
+        client.close()
+        stop_server(proc)
+    assert proc.returncode is not None
+
+
+def test_main_job_over_http(server, tmp_path):
+    job = server.submit({"model": "digits_vit", "data": {"test_limit": 120}})
+    assert job["status"] == "queued"
+    seen = []
+    job = server.wait(job["id"], poll_s=0.3, timeout_s=300, on_progress=seen.append)
+    assert job["status"] == "succeeded", job["error"]
+    assert {j["status"] for j in seen} >= {"succeeded"}
+    assert job["progress"]["done"] == job["progress"]["total"] == 1
+    listing = server.artifacts(job["id"])
+    assert {a["kind"] for a in listing} == {"checkpoint", "report", "plot"}
+    ckpt = next(a for a in listing if a["kind"] == "checkpoint")
+    path = server.download(ckpt, tmp_path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == ckpt["sha256"]
+    data = digits_data()
+    x, y = data.x_test[:120], data.y_test[:120]
+    measured = compare(logits_of(load_model("digits_vit"), x), logits_of(load_quantized(path), x),
+                       y)
+    assert measured.top1 == pytest.approx(job["result"]["top1"], abs=1e-9)
+    assert job["result"]["top1"] >= job["result"]["fp32_top1"] - 0.005  # W8A8: < 0.5 points
+
+
+def test_demo_command(tmp_path):
+    env = {**os.environ, "TSPTQ_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "service.cli", "demo", "--out",
+                          str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "reproduces the reported accuracy: True" in out.stdout
+    assert "server stopped" in out.stdout
+    assert list((tmp_path / "out").glob("*.safetensors"))
