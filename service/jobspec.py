@@ -18,7 +18,7 @@ DIGITS = "digits"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "false" → 0.0 coercions
 
 
 class DataSpec(Strict):
