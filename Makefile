@@ -1,11 +1,11 @@
 # Two commands do everything on a fresh machine:
-#   make run    set up, then quantize the bundled digits ViT end to end and print the table
+#   make run    set up, then run the main job end to end through the service (tsptq demo)
 #   make test   set up, then run the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench lint
+.PHONY: setup run test bench bench-search lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,13 +17,16 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/tsptq quantize
+	$(VENV)/bin/tsptq demo
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) -m bench.accuracy --json out/accuracy.json
+
+bench-search: setup
+	$(PY) -m bench.search --json out/search_bench.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -46,7 +46,8 @@ def inputs_from(args: argparse.Namespace):
                                                    seed=args.seed, calib_size=args.calib_size),
         strategy=args.strategy,
         budget=Budget(args.budget_weight_bits or args.budget_bits,
-                      args.budget_activation_bits or args.budget_bits),
+                      args.budget_activation_bits or args.budget_bits,
+                      args.budget_weight_bytes, args.budget_bitops),
         stop=StopCriteria(args.max_candidates, args.time_budget, args.target_agreement),
         evolution=EvolutionSettings(population=args.population, generations=args.generations,
                                     seed=args.seed),
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-bits", type=float, default=4.5)
     p.add_argument("--budget-weight-bits", type=float)
     p.add_argument("--budget-activation-bits", type=float)
+    p.add_argument("--budget-weight-bytes", type=float, help="quantized weights' size")
+    p.add_argument("--budget-bitops", type=float, help="BitOPs per image")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-candidates", type=int)
     p.add_argument("--time-budget", type=float, help="seconds")

@@ -47,20 +47,32 @@ class Budget:
 
     weight_bits: float | None = None      # mean weight bits, weighted by elements
     activation_bits: float | None = None  # mean activation bits, weighted by elements per image
+    weight_bytes: float | None = None     # the quantized weights' size
+    bitops: float | None = None           # Σ MACs × operand bits × operand bits, per image
 
     def over(self, space: SearchSpace, cand: Candidate) -> tuple[bool, bool]:
+        """(weights over budget, activations over budget). Over the BitOPs bound, both are:
+        lowering either operand of a matmul saves BitOPs."""
         w = self.weight_bits is not None and space.mean_bits(cand, True) > self.weight_bits + 1e-9
+        w |= self.weight_bytes is not None and space.weight_bytes(cand) > self.weight_bytes
         a = (self.activation_bits is not None
              and space.mean_bits(cand, False) > self.activation_bits + 1e-9)
+        if self.bitops is not None and space.bitops(cand) > self.bitops:
+            w = a = True
         return w, a
 
     def excess(self, space: SearchSpace, cand: Candidate) -> float:
-        """Bits over the budget, summed over weights and activations (0 when it holds)."""
+        """How far over the budget, in bits (relative excesses of bytes and BitOPs count as
+        that share of 8 bits); 0 when it holds."""
         out = 0.0
         if self.weight_bits is not None:
             out += max(0.0, space.mean_bits(cand, True) - self.weight_bits)
         if self.activation_bits is not None:
             out += max(0.0, space.mean_bits(cand, False) - self.activation_bits)
+        if self.weight_bytes is not None:
+            out += 8 * max(0.0, space.weight_bytes(cand) / self.weight_bytes - 1)
+        if self.bitops is not None:
+            out += 8 * max(0.0, space.bitops(cand) / self.bitops - 1)
         return out
 
 

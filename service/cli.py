@@ -1,13 +1,16 @@
 """The ``tsptq`` command line.
 
-    tsptq quantize [--model digits_vit] [--weights pretrained|random|FILE] [--data DIR]
-                   [--methods tsptq,uniform,twin,ptf] [--widths 8/8,6/6,4/4] [--setting full]
-                   [--out out/digits_vit_tsptq_w8a8.safetensors]
+    tsptq demo                      the README's main job over HTTP (serve, submit, download)
+    tsptq serve [--api-only]        API + a dispatcher + a local Ray (SQLite by default)
+    tsptq worker                    a dispatcher alone (RAY_ADDRESS names a cluster)
+    tsptq db upgrade|downgrade      Alembic migrations of TSPTQ_DATABASE_URL (or SQLite)
+    tsptq submit|status|cancel|download|gate   clients of a running service (TSPTQ_URL)
+    tsptq quantize                  the library alone, no service
 
-``quantize`` runs the library with no service: loads the model (the bundled digits ViT by
-default), calibrates every method at every width with a progress bar, prints the accuracy table,
-saves the first method's checkpoint at the first width, reloads it and checks that the reloaded
-model reproduces the calibrated one exactly.
+``quantize`` loads the model (the bundled digits ViT by default), calibrates every method at
+every width with a progress bar, prints the accuracy table, saves the first method's checkpoint
+at the first width, reloads it and checks that the reloaded model reproduces the calibrated one
+exactly.
 """
 
 from __future__ import annotations

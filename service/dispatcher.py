@@ -51,11 +51,12 @@ def inputs_of(spec: JobSpec, settings: Settings, weights: str | Path, workers: i
         val_size=spec.data.val_size, test_limit=spec.data.test_limit,
         config=QuantConfig(method=q.method, setting=q.setting, w_bits=q.w_bits,
                            a_bits=q.a_bits, seed=q.seed, calib_size=spec.data.calib_size),
-        strategy=s.strategy, budget=Budget(s.budget_weight_bits, s.budget_activation_bits),
+        strategy=s.strategy, budget=Budget(s.budget_weight_bits, s.budget_activation_bits,
+                                                s.budget_weight_bytes, s.budget_bitops),
         stop=StopCriteria(s.max_candidates, s.time_budget_s, s.target_agreement),
         evolution=EvolutionSettings(population=s.population, generations=s.generations,
                                     seed=q.seed),
-        workers=workers)
+        workers=workers, plots=spec.artifacts.plots)
 
 
 class Dispatcher:

@@ -46,6 +46,9 @@ class SearchSpec(Strict):
                                              description="mean weight bits at most")
     budget_activation_bits: float | None = Field(None, ge=2, le=8,
                                                  description="mean activation bits at most")
+    budget_weight_bytes: float | None = Field(None, gt=0, description="quantized weights' "
+                                              "size at most (bytes)")
+    budget_bitops: float | None = Field(None, gt=0, description="BitOPs per image at most")
     max_candidates: int | None = Field(None, ge=1, le=100_000)
     time_budget_s: float | None = Field(None, gt=0, le=7 * 86_400)
     target_agreement: float | None = Field(
@@ -56,11 +59,18 @@ class SearchSpec(Strict):
 
     @model_validator(mode="after")
     def _budget_for_greedy(self) -> SearchSpec:
-        if self.strategy == "greedy" and (self.budget_weight_bits is None
-                                          and self.budget_activation_bits is None):
-            raise ValueError("the greedy strategy needs a budget: set budget_weight_bits "
-                             "and/or budget_activation_bits")
+        if self.strategy == "greedy" and all(
+                b is None for b in (self.budget_weight_bits, self.budget_activation_bits,
+                                    self.budget_weight_bytes, self.budget_bitops)):
+            raise ValueError("the greedy strategy needs a budget: set budget_weight_bits, "
+                             "budget_activation_bits, budget_weight_bytes or budget_bitops")
         return self
+
+
+class ArtifactSpec(Strict):
+    plots: bool = Field(True, description="PNG plots (per V-2SF/O-2SF quantizer its activations "
+                        "with the chosen split, and the Pareto front of a search); false skips "
+                        "them, for a faster job")
 
 
 class JobSpec(Strict):
@@ -71,6 +81,7 @@ class JobSpec(Strict):
     data: DataSpec = DataSpec()
     quant: QuantSpec = QuantSpec()
     search: SearchSpec = SearchSpec()
+    artifacts: ArtifactSpec = ArtifactSpec()
 
     @field_validator("weights")
     @classmethod

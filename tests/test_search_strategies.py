@@ -152,3 +152,15 @@ def test_pareto_front_drops_dominated_points():
     front = pareto_front(pts)
     assert [p["weight_bits"] for p in front] == [4, 6, 8]
     assert torch.tensor([p["kl"] for p in front]).diff().lt(0).all()
+
+
+def test_greedy_meets_byte_and_bitops_budgets(setup):
+    space, objective = setup
+    base = Candidate.make()
+    budget = Budget(weight_bytes=0.7 * space.weight_bytes(base),
+                    bitops=0.6 * space.bitops(base))
+    res = greedy_mixed_precision(SearchRun(space, objective, budget))
+    assert res.met_budget and budget.excess(space, res.best) == 0
+    assert res.costs["weight_bytes"] <= budget.weight_bytes
+    assert res.costs["bitops"] <= budget.bitops
+    assert budget.excess(space, base) > 0 and budget.over(space, base) == (True, True)
