@@ -1,6 +1,7 @@
 """The FastAPI application.
 
     uvicorn api.app:create_app --factory      # settings from TSPTQ_* environment variables
+    uvicorn api.app:serve_app --factory       # the same, warmed up (what tsptq serve runs)
 
 ``create_app`` neither creates nor migrates the database (``tsptq db upgrade`` does).
 """
@@ -11,10 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from api import __version__, errors
 from api.deps import BearerAuth, bearer_documented
+from api.limits import BodyLimit
 from api.routes import artifacts, health, jobs, models
+from service.jobspec import JobSpec
 from service.settings import Settings, get_settings
 from service.store import Store
 
@@ -27,9 +31,14 @@ a job as `"weights": "model:{id}"`. When the server sets `TSPTQ_API_TOKEN`, ever
 `/healthz` needs `Authorization: Bearer <token>`."""
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, store: Store | None = None, *,
+               server: bool = False) -> FastAPI:
     """The API for ``settings`` (default: from the environment) on ``store`` (default: a new
-    store on ``settings.db_url``, whose engine is disposed when the app shuts down)."""
+    store on ``settings.db_url``, whose engine is disposed when the app shuts down).
+
+    ``server``: the app is the whole life of its process (``serve_app``): at startup it checks
+    the default model once (~80 ms of CPU, see ``api.routes.jobs.model_problem``), so that the
+    first requests do not queue behind it."""
     settings = settings or get_settings()
     owned = store is None
     if store is None:
@@ -37,6 +46,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if server:
+            await run_in_threadpool(jobs.model_problem, JobSpec().model)
         yield
         if owned:
             store.engine.dispose()
@@ -47,6 +58,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.state.store = store
     errors.install(app)
+    app.add_middleware(BodyLimit)  # inside BearerAuth (added last, so outermost)
 
     protected: dict = {}
     if settings.api_token:
@@ -57,3 +69,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     for module in (jobs, artifacts, models):
         app.include_router(module.router, **protected)
     return app
+
+
+def serve_app() -> FastAPI:
+    """``create_app(server=True)`` with settings from the environment: what ``tsptq serve``
+    runs (a factory for ``uvicorn --factory``)."""
+    return create_app(server=True)

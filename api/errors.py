@@ -24,6 +24,7 @@ from service.store import DatabaseUnavailable, NotFound, StoreError, TooLarge
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5
+MAX_ECHO = 200  # characters of an offending string input repeated in a 422
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 _DESCRIPTIONS = {
@@ -31,7 +32,7 @@ _DESCRIPTIONS = {
     401: "Missing or wrong bearer token",
     404: "No such resource",
     409: "The resource is not in a state that allows this",
-    413: "The upload is larger than the server accepts",
+    413: "The request body or upload is larger than the server accepts",
     415: "The file type is refused",
     422: "The request is not acceptable",
     500: "Internal error",
@@ -89,11 +90,19 @@ def _validation_issues(exc: RequestValidationError) -> list[dict[str, Any]]:
             "type": str(err.get("type", "")),
         }
         if "input" in err:
-            issue["input"] = json_safe(err["input"])
+            issue["input"] = _shortened(json_safe(err["input"]))
         if err.get("ctx") is not None:
             issue["ctx"] = json_safe(err["ctx"])
         issues.append(issue)
     return issues
+
+
+def _shortened(value: Any) -> Any:
+    """A long string input cut to ``MAX_ECHO`` characters: the answer need not repeat a
+    megabyte the client sent."""
+    if isinstance(value, str) and len(value) > MAX_ECHO:
+        return f"{value[:MAX_ECHO]}... ({len(value)} characters)"
+    return value
 
 
 async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

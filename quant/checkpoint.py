@@ -170,7 +170,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         config = QuantConfig.from_dict(recipe["config"])
         arch = recipe["architecture"]
         adapter = adapter_for_family(arch["family"])
-        twin = adapter.rewrite(adapter.build(arch), QuantizerFactory(config)).eval()
+        twin = adapter.rewrite(adapter.build(arch),
+                               QuantizerFactory(adapter.resolve(config))).eval()
         apply_overrides(twin, config)
         wide = set(recipe.get("wide", []))
     except (KeyError, TypeError, ValueError, UnsupportedModelError) as e:

@@ -55,8 +55,11 @@ class QuantConfig:
     # Rows (tokens) of each captured activation used to score candidates.
     search_rows: int = 2048
     outlier_rule: str = "threshold"
-    # Beyond the paper: O-2SF on the inputs of qkv and fc1 too (tsptq only; an ablation).
-    post_ln_two_scale: bool = False
+    # Beyond the paper: O-2SF on the inputs of qkv and fc1 too (tsptq only). None: the model
+    # family's choice (``ModelAdapter.post_ln_two_scale``): off for timm ViT/Swin (an ablation
+    # there), on for BERT encoders, whose post-LayerNorm activations carry outlier channels of
+    # their own (MiniLM W6A6: mean cosine 0.961 with a per-tensor scale there, 0.980 with O-2SF).
+    post_ln_two_scale: bool | None = None
     # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py).
     # Higher SQNR, but on the digits ViT lower agreement than the paper's grid (BENCHMARKS.md).
     coarse_offset: bool = False

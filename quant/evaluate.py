@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .inputs import Inputs, is_text
+from .text import embeddings_of, retrieval_logits
+
 
 @dataclass(frozen=True)
 class Agreement:
@@ -21,7 +24,12 @@ class Agreement:
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, x: Tensor, batch: int = 256) -> Tensor:
+def logits_of(model: nn.Module, x: Inputs, batch: int = 256) -> Tensor:
+    """Logits of every image; for a text encoder (``x`` a mapping of token tensors), the
+    retrieval logits of the texts among themselves (``quant.text``), whose top-1 is each text's
+    nearest neighbour, so ``compare`` with FP32's own top-1 as labels measures text too."""
+    if is_text(x):
+        return retrieval_logits(embeddings_of(model, x))
     dev = next(model.parameters()).device
     return torch.cat([model(x[i:i + batch].to(dev)).float().cpu() for i in range(0, len(x), batch)])
 

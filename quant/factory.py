@@ -38,10 +38,11 @@ class QuantizerFactory:
                              channels=out_channels)
         return self._tag(q, "weight")
 
-    def embedding(self, channels: int) -> UniformQuantizer:
+    def embedding(self, channels: int, axis: int = -1) -> UniformQuantizer:
         """Position embeddings and class tokens: parameters the first LayerNorm consumes. 8 bits
-        at every width, as biases stay 32-bit: they are a negligible share of the model."""
-        q = UniformQuantizer(self.bits_for("embedding"), symmetric=True, axis=-1,
+        at every width, as biases stay 32-bit: they are a negligible share of the model.
+        ``axis=0`` gives a lookup table (a text encoder's token embeddings) one scale per row."""
+        q = UniformQuantizer(self.bits_for("embedding"), symmetric=True, axis=axis,
                              channels=channels)
         return self._tag(q, "embedding")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import timm
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .adapters import find_adapter
 from .calibrate import (
@@ -21,10 +21,10 @@ from .calibrate import (
     quant_modules,
     release_statistics,
     round_float_parameters,
-    tensor_digest,
 )
 from .config import QuantConfig
 from .factory import QuantizerFactory, apply_overrides
+from .inputs import Inputs, count, digest, take, to_device
 from .metrics import sqnr_db
 from .quantizers import Quantizer
 
@@ -42,6 +42,8 @@ class QuantizedModel(nn.Module):
         self.metrics: dict = {}
 
     def forward(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
+            return self.model(**args[0])  # a text batch, as its tokenizer returned it
         return self.model(*args, **kwargs)
 
     def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
@@ -80,18 +82,6 @@ class QuantizedModel(nn.Module):
                 q.probe = None
 
 
-def _check_images(images: Tensor) -> None:
-    if not torch.is_tensor(images):
-        raise TypeError(f"calib_images must be a torch.Tensor, got {type(images).__name__}")
-    if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError("calib_images must be a float tensor of shape (N, C, H, W), got "
-                         f"{images.dtype} of shape {tuple(images.shape)}")
-    if images.shape[0] < 1:
-        raise ValueError("calib_images is empty")
-    if not torch.isfinite(images).all():
-        raise ValueError("calib_images contains NaN or infinite values")
-
-
 # What may differ between calibrations that share one statistics pass: bit widths and pinned
 # search parameters (what a search varies), not which quantizer sits where or how it scores.
 VARIABLE_FIELDS = frozenset({"w_bits", "a_bits", "image_bits", "bit_overrides", "pinned",
@@ -104,24 +94,26 @@ class Calibrator:
     ``quantize`` gives for that configuration, since every quantizer is searched on the FP
     statistics alone."""
 
-    def __init__(self, model: nn.Module, calib_images: Tensor,
+    def __init__(self, model: nn.Module, calib_images: Inputs,
                  config: QuantConfig | None = None) -> None:
         self.config = config = config or QuantConfig()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_images(calib_images)
         adapter = find_adapter(model)
+        adapter.check_inputs(calib_images)
         self.architecture = adapter.architecture(model)
         device = next(model.parameters()).device
         # Quantizers are born on the CPU: move the whole twin to the model's device.
-        twin = adapter.rewrite(copy.deepcopy(model).eval(), QuantizerFactory(config))
+        twin = adapter.rewrite(copy.deepcopy(model).eval(),
+                               QuantizerFactory(adapter.resolve(config)))
         apply_overrides(twin, config)
         self.twin = twin.to(device)
-        self.images = calib_images[: config.calib_size].to(device)
+        self.images = to_device(take(calib_images, 0, config.calib_size), device)
         start = time.perf_counter()
-        collect_statistics(self.twin, self.images, config)
+        collect_statistics(self.twin, self.images, config, adapter.task_loss)
         self.statistics_seconds = time.perf_counter() - start
-        self.calib_digest = tensor_digest(self.images)
+        self.calib_digest = digest(self.images)
+        self.versions = adapter.versions()
         self._fp_params = {n: self.twin.get_parameter(n).detach().clone()
                            for n in param_quantizers(self.twin)}
         self._last: dict[str, tuple] = {}  # module -> what its last calibration was given
@@ -179,18 +171,22 @@ class Calibrator:
         info = {
             "calib_seconds": round(self.statistics_seconds + seconds, 3),
             "statistics_seconds": round(self.statistics_seconds, 3),
-            "calib_images": int(self.images.shape[0]),
+            "calib_images": count(self.images),  # images or texts
             "calib_digest": self.calib_digest,
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,
+            **self.versions,
         }
         return QuantizedModel(model, config, self.architecture, info).eval()
 
 
-def quantize(model: nn.Module, calib_images: Tensor, config: QuantConfig | None = None,
+def quantize(model: nn.Module, calib_images: Inputs, config: QuantConfig | None = None,
              progress: Progress | None = None) -> QuantizedModel:
     """Rewrite ``model`` into its quantized twin and calibrate it on ``calib_images`` (the first
-    ``config.calib_size`` of them, already normalised for the model). ``model`` is not changed."""
+    ``config.calib_size`` of them, already normalised for the model). ``model`` is not changed.
+
+    For a text encoder (Hugging Face BERT), ``calib_images`` is a mapping of token tensors
+    (``input_ids``, ``attention_mask``, ``token_type_ids``), as its tokenizer returns them."""
     calibrator = Calibrator(model, calib_images, config)
     try:
         return calibrator.calibrate(progress=progress, copy_model=False)

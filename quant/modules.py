@@ -31,6 +31,35 @@ class Capture:
     elements: int = 1 << 21  # per attention tensor
     grads: bool = False
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    # (N, L) real tokens of a padded text batch: padding enters no statistic. None for images.
+    token_mask: Tensor | None = None
+
+    def real_rows(self, x: Tensor) -> Tensor | None:
+        """Indices of the real-token rows of ``x`` (N, L, ..., C) flattened to rows, or None when
+        every row is real (images, or a tensor that is not per token)."""
+        m = self.token_mask
+        if m is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(m.shape) or bool(m.all()):
+            return None
+        rows = m.reshape(m.shape + (1,) * (x.dim() - 3)).expand(x.shape[:-1])
+        return torch.nonzero(rows.reshape(-1).to(x.device)).flatten()
+
+    def keep_tokens(self, t: Tensor) -> Tensor:
+        """Zero the padding positions of an attention tensor (N, H, L, ·), so they add nothing to
+        a calibration loss and leave every range alone (zero quantizes to zero exactly)."""
+        m = self.token_mask
+        if m is None or t.dim() != 4 or t.shape[0] != m.shape[0] or t.shape[2] != m.shape[1]:
+            return t
+        return t * m[:, None, :, None].to(t.device, t.dtype)
+
+
+def capture_rows(x: Tensor, capture: Capture) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` as rows of its last axis: (all rows, the sampled rows' indices, every real row).
+    Padding tokens are neither sampled nor counted in the per-channel ranges."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    real = capture.real_rows(x)
+    pool = x2 if real is None else x2[real]
+    idx = sample_rows(pool, capture.rows, capture.generator)
+    return x2, idx if real is None else real[idx], pool
 
 
 def sample_rows(x2: Tensor, rows: int, gen: torch.Generator) -> Tensor:
@@ -144,9 +173,8 @@ class QLinear(QWeighted):
         return F.linear(x, w, b)
 
     def _capture(self, x: Tensor):
-        x2 = x.detach().reshape(-1, self.in_features)
-        idx = sample_rows(x2, self.capture.rows, self.capture.generator)
-        self.stats.update(x=x2[idx], lo=x2.amin(0), hi=x2.amax(0))
+        x2, idx, real = capture_rows(x, self.capture)
+        self.stats.update(x=x2[idx], lo=real.amin(0), hi=real.amax(0))
         return lambda g: g.reshape(-1, self.out_features)[idx]
 
     def _weight_sample(self, x: Tensor) -> Tensor:
@@ -192,9 +220,8 @@ class QLayerNorm(QuantModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.capture is not None:
             c = x.shape[-1]
-            x2 = x.detach().reshape(-1, c)
-            idx = sample_rows(x2, self.capture.rows, self.capture.generator)
-            self.stats.update(x=x2[idx], lo=x2.amin(0), hi=x2.amax(0))
+            x2, idx, real = capture_rows(x, self.capture)
+            self.stats.update(x=x2[idx], lo=real.amin(0), hi=real.amax(0))
         out = self._norm(self.input_q(x))
         if self.capture is not None:
             self._grad_hook(out, "g", lambda g: g.reshape(-1, c)[idx])
@@ -245,19 +272,25 @@ class QAttention(QuantModule):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        q = q * self.scale
+        out = self._attend(q * self.scale, k, v, attn_mask if attn_mask is not None else mask)
+        return self.proj_drop(self.proj(out))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Both quantized matmuls on (B, H, N, D) operands, ``q`` already scaled; returns the
+        heads concatenated, (B, N, H·D)."""
+        b, _, n, _ = q.shape
         logits = self.q_q(q) @ self.k_q(k).transpose(-2, -1)
-        logits = self._logit_bias(logits, attn_mask if attn_mask is not None else mask)
+        logits = self._logit_bias(logits, mask)
         a = self.attn_drop(logits.softmax(dim=-1))
         out = self.a_q(a) @ self.v_q(v)
         if self.capture is not None:
             m = max(1, min(b, self.capture.elements // max(1, a[0].numel())))
-            self.stats.update(q=q.detach()[:m], k=k.detach()[:m], v=v.detach()[:m],
-                              a=a.detach()[:m])
+            keep = self.capture.keep_tokens  # padding queries and keys count for nothing
+            self.stats.update(q=keep(q.detach()[:m]), k=keep(k.detach()[:m]),
+                              v=keep(v.detach()[:m]), a=keep(a.detach()[:m]))
             self._grad_hook(logits, "g_logits", lambda g: g[:m])
             self._grad_hook(out, "g_out", lambda g: g[:m])
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        return self.proj_drop(self.proj(out))
+        return out.transpose(1, 2).reshape(b, n, -1)
 
     def calibrate(self, config: QuantConfig) -> None:
         s = self.stats
@@ -299,3 +332,30 @@ class QWindowAttention(QAttention):
             logits = logits.view(-1, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
             logits = logits.view(-1, self.num_heads, n, n)
         return logits
+
+
+class QSelfAttention(QAttention):
+    """Hugging Face BERT's ``BertSelfAttention``: it returns the heads before the output
+    projection (``BertSelfOutput.dense``, rewritten as a plain Linear) and takes BERT's call
+    signature. Its query, key and value Linears come fused into one ``qkv``, as in timm, so the
+    LayerNorm output they share is quantized once; matmuls, quantizers and calibration are
+    ``QAttention``'s."""
+
+    def __init__(self, attn: nn.Module, qkv: QLinear, q_q: Quantizer, k_q: Quantizer,
+                 v_q: Quantizer, a_q: Quantizer) -> None:
+        QuantModule.__init__(self)  # QAttention's constructor reads timm's attribute names
+        self.num_heads = attn.num_attention_heads
+        self.scale = attn.scaling
+        self.qkv = qkv
+        self.attn_drop = attn.dropout
+        self.q_q, self.k_q, self.v_q, self.a_q = q_q, k_q, v_q, a_q
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                encoder_hidden_states: Tensor | None = None, cache=None,
+                **kwargs) -> tuple[Tensor, None]:
+        if encoder_hidden_states is not None or cache is not None:
+            raise UnsupportedModelError("cross-attention and key/value caches are not supported")
+        b, n, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return self._attend(q * self.scale, k, v, attention_mask), None

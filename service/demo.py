@@ -25,12 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+def start_server(port: int, env: dict[str, str], log: Path, *,
+                 api_only: bool = False) -> subprocess.Popen:
+    """``tsptq serve`` (``--api-only``: without its dispatcher) on ``port``, in a session of
+    its own (``stop_server`` ends the API and its dispatcher together), logging to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--log-level",
+            "warning"] + (["--api-only"] if api_only else [])
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
-                                 str(port), "--log-level", "warning"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def wait_healthy(client: ServiceClient, server: subprocess.Popen, timeout_s: float = 120) -> None:

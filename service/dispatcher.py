@@ -81,6 +81,7 @@ class Dispatcher:
         job = self.store.claim_next(self.worker_id)
         if job is None:
             return None
+        log.info("job %s: claimed by %s (claim %d)", job.id, self.worker_id, job.claims)
         self.run(job.id, job.request)
         return job.id
 

@@ -18,7 +18,9 @@ DIGITS = "digits"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # no "false" → 0.0 coercions
+    # strict: no "false" → 0.0 coercions. allow_inf_nan=False: JSON parsers read 1e309 as
+    # infinity, which no JSON column (PostgreSQL's above all) or response can hold.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DataSpec(Strict):

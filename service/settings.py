@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0)
     stale_after_s: float = Field(30.0, gt=0)
     ray_workers: int = Field(2, ge=1)
+    torch_threads: int = Field(1, ge=1, description="torch threads of a dispatcher process")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 

@@ -14,11 +14,12 @@ Connection failures surface as ``DatabaseUnavailable`` (the API answers 503).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -75,18 +76,24 @@ class Store:
         self.engine = bind
         self.chunk_bytes = chunk_bytes
         self._pg = bind.dialect.name == "postgresql"
+        # SQLite: this process's writers queue here, in order, rather than in SQLite's busy
+        # handler, which retries a locked database after sleeps of up to 100 ms (a tail of
+        # hundreds of ms under concurrent writes). Other processes still meet the busy handler.
+        self._write_lock = threading.Lock() if bind.dialect.name == "sqlite" else None
 
     @classmethod
     def from_url(cls, url: str | URL, *, chunk_bytes: int = 1 << 20) -> Store:
         """A store on a new engine for ``url`` (the database must be migrated already)."""
         return cls(make_sessionmaker(make_engine(url)), chunk_bytes=chunk_bytes)
 
-    @contextmanager
+    @contextlib.contextmanager
     def _tx(self, *, write: bool = False) -> Iterator[Session]:
         """One transaction; ``write`` takes SQLite's write lock up front, so a read-then-write
         transaction cannot fail half way with SQLITE_BUSY when another process wrote meanwhile."""
+        serialized = self._write_lock if write and self._write_lock is not None else None
         try:
-            with self.sessions() as session, session.begin():
+            with serialized or contextlib.nullcontext(), self.sessions() as session, \
+                    session.begin():
                 if write:
                     session.connection(execution_options={SQLITE_IMMEDIATE: True})
                 yield session
@@ -368,7 +375,7 @@ def _owner_column(table: ChunkTable) -> str:
     return "artifact_id" if table is ArtifactChunk else "model_id"
 
 
-@contextmanager
+@contextlib.contextmanager
 def _open(source: Source) -> Iterator[BinaryIO]:
     if isinstance(source, Path):
         with source.open("rb") as f:

@@ -54,6 +54,7 @@ class JobInputs:
     stop: StopCriteria = StopCriteria()
     evolution: EvolutionSettings = EvolutionSettings()
     workers: int = 2
+    plots: bool = True  # the PNG plots (histograms, Pareto front); False skips them
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -180,10 +181,11 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     files = [("checkpoint", Path(ckpt), "application/octet-stream")]
     plots = out_dir / "plots"
-    if inputs.strategy != "none":
+    if inputs.plots and inputs.strategy != "none":
         files.append(("plot", plot_front(result.front, _mk(plots) / "pareto_front.png"),
                       "image/png"))
-    files += [("plot", p, "image/png") for p in plot_histograms(best, data.calib, plots)]
+    if inputs.plots:
+        files += [("plot", p, "image/png") for p in plot_histograms(best, data.calib, plots)]
     t3 = time.perf_counter()
     timings = {"load_and_statistics_s": round(t1 - t0, 2), "search_s": round(t2 - t1, 2),
                "artifacts_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2)}

@@ -18,6 +18,7 @@ ID = re.compile(r"^[0-9a-f]{32}$")
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 # What the dispatcher writes: checkpoints, report.json, PNG plots (and anything else as */*).
 MEDIA_TYPES = ("application/octet-stream", "application/json", "image/png", "*/*")
+UNFINISHED = ("queued", "running")
 
 
 def content_disposition(name: str) -> str:
@@ -41,7 +42,7 @@ def _matches(if_none_match: str, etag: str) -> bool:
                           "ETag": {"schema": {"type": "string"}},
                           "Content-Disposition": {"schema": {"type": "string"}}}},
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
-        **responses(404, 422, 503),
+        **responses(404, 409, 422, 503),
     },
     summary="Download an artifact")
 def download_artifact(
@@ -49,10 +50,17 @@ def download_artifact(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Streams the artifact as stored (its sha256 is checked when it is written); the
-    ``X-Content-SHA256`` header lets the client verify what it received."""
+    ``X-Content-SHA256`` header lets the client verify what it received. 409 while its job is
+    queued or running: a job that is run again (its dispatcher died) rewrites its artifacts,
+    so they are final only once it has finished."""
     artifact = store.get_artifact(artifact_id) if ID.match(artifact_id) else None
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {artifact_id!r}")
+    job = store.get_job(artifact.job_id)
+    if job is not None and job.status in UNFINISHED:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"job {job.id} is {job.status}: its artifacts can be downloaded "
+                            "once it has finished")
     etag = f'"{artifact.sha256}"'
     headers = {"ETag": etag, "X-Content-SHA256": artifact.sha256}
     if if_none_match is not None and _matches(if_none_match, etag):

