@@ -60,6 +60,12 @@ class QuantConfig:
     # there), on for BERT encoders, whose post-LayerNorm activations carry outlier channels of
     # their own (MiniLM W6A6: mean cosine 0.961 with a per-tensor scale there, 0.980 with O-2SF).
     post_ln_two_scale: bool | None = None
+    # O-2SF: a channel whose grid cannot hold its range keeps its bulk (the end nearer zero)
+    # and clips the far tail, where a clamped centred zero point clipped the bulk (see
+    # ChannelPow2Quantizer). None: the family's choice (``ModelAdapter.keep_bulk``): off for
+    # timm (the paper's grid; the digits ViT never meets the case), on for BERT encoders (MiniLM
+    # W8A8: KL of the retrieval distributions 0.0075 -> 0.0056).
+    keep_bulk: bool | None = None
     # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py).
     # Higher SQNR, but on the digits ViT lower agreement than the paper's grid (BENCHMARKS.md).
     coarse_offset: bool = False

@@ -67,7 +67,8 @@ class QuantizerFactory:
               and cfg.post_ln_two_scale and channels is not None):
             # Beyond the paper (METHOD.md section 1): O-2SF on post-LayerNorm activations too.
             # The integer matmul absorbs each channel's 2^e by shifting that weight column.
-            q = ChannelPow2Quantizer(bits, channels, rule="o2sf", outlier_rule=cfg.outlier_rule)
+            q = ChannelPow2Quantizer(bits, channels, rule="o2sf", outlier_rule=cfg.outlier_rule,
+                                     keep_bulk=bool(cfg.keep_bulk))
         elif kind == "ln_input" and method in ("tsptq", "ptf"):
             if channels is None:
                 raise ValueError("a LayerNorm-input quantizer needs the channel count")
@@ -75,7 +76,7 @@ class QuantizerFactory:
             shared = (method == "ptf" if cfg.channel_zero_points is None
                       else not cfg.channel_zero_points)
             q = ChannelPow2Quantizer(bits, channels, rule=rule, outlier_rule=cfg.outlier_rule,
-                                     shared_zero=shared)
+                                     shared_zero=shared, keep_bulk=bool(cfg.keep_bulk))
         else:
             q = UniformQuantizer(bits)
         return self._tag(q, kind)

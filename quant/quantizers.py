@@ -408,7 +408,9 @@ class ChannelPow2Quantizer(Quantizer):
     its code does). O-2SF here centres each channel with its own zero point, a departure from the
     paper: the residual stream's channels carry offsets of their own, centring costs one integer
     per channel (a constant the integer LayerNorm subtracts) and lets a channel's *half range*
-    rather than its absolute maximum decide whether it is an outlier.
+    rather than its absolute maximum decide whether it is an outlier. ``keep_bulk`` (another
+    departure, on for BERT encoders: ``QuantConfig.keep_bulk``) changes where a channel too wide
+    for its grid is clipped (``_bulk_zero``).
     """
 
     scheme = "pow2"
@@ -416,7 +418,8 @@ class ChannelPow2Quantizer(Quantizer):
     restrictable = frozenset({"threshold", "exponent"})
 
     def __init__(self, bits: int, channels: int, rule: str = "o2sf",
-                 outlier_rule: str = "threshold", shared_zero: bool = False) -> None:
+                 outlier_rule: str = "threshold", shared_zero: bool = False,
+                 keep_bulk: bool = False) -> None:
         super().__init__(bits)
         if rule not in ("o2sf", "ptf"):
             raise ValueError(f"unknown exponent rule {rule!r}")
@@ -425,6 +428,7 @@ class ChannelPow2Quantizer(Quantizer):
         self.rule = rule
         self.outlier_rule = outlier_rule
         self.shared_zero = shared_zero
+        self.keep_bulk = keep_bulk
         self.chosen_threshold: float | None = None  # T of the winning candidate (not saved)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("exponent", torch.zeros(channels, dtype=torch.int32))
@@ -450,8 +454,20 @@ class ChannelPow2Quantizer(Quantizer):
         else:
             sc = self.scale * torch.pow(2.0, self.exponent.float())
             zp = torch.round((self.levels - 1) / 2 - (hi + lo) / 2 / sc)
+            if self.keep_bulk:
+                zp = self._bulk_zero(zp, sc, lo, hi)
         self.zero_point = zp.clamp(0, self.levels - 1).to(torch.int32).contiguous()
         self.calibrated.fill_(True)
+
+    def _bulk_zero(self, zp: Tensor, sc: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """Where the centred zero point falls outside the codes (a grid much narrower than a
+        one-sided range), clamping it would put the grid's end at zero and clip the channel's
+        bulk on the other side; instead keep the end nearer zero and clip the far tail. MiniLM's
+        [CLS] token alone drives its channel 99 to ~100x the median: the search clips that one
+        value rather than coarsen every token's channel 99, and the bulk must survive."""
+        top = self.levels - 1
+        ends = torch.where(-lo <= hi, torch.round(-lo / sc), torch.round(top - hi / sc))
+        return torch.where((zp < 0) | (zp > top), ends, zp)
 
     @property
     def outlier_channels(self) -> list[int]:

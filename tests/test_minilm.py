@@ -137,3 +137,30 @@ def test_bad_text_inputs(minilm):
                           "pixel_values": torch.ones(2, 4, dtype=torch.long)})
     with pytest.raises(ValueError, match="integer tensor"):
         quantize(minilm, {"input_ids": torch.ones(2, 4)})
+
+
+def test_keep_bulk_clips_the_tail_not_the_bulk():
+    """A channel whose grid is far narrower than its one-sided range (a [CLS]-like spike):
+    the centred zero point clamps and the grid loses the negative bulk; keep_bulk keeps it."""
+    x = torch.linspace(-1.0, 1.0, 201).unsqueeze(1).repeat(1, 2)
+    x[0, 1] = 200.0  # channel 1: bulk in [-1, 1], one token at 200
+    lo, hi = x.amin(0), x.amax(0)
+    outlier = torch.tensor([0, 3], dtype=torch.int32)  # 2^3: still far narrower than 200
+    centred, bulk = ChannelPow2Quantizer(8, 2), ChannelPow2Quantizer(8, 2, keep_bulk=True)
+    for q in (centred, bulk):
+        q.set_params(0.01, outlier, lo, hi)
+    bulk_rows = x[1:, 1]
+    assert (centred.fake_quant(x)[1:, 1] - bulk_rows).abs().max() > 0.9  # negatives -> 0
+    assert (bulk.fake_quant(x)[1:, 1] - bulk_rows).abs().max() <= 0.041  # half a coarse step
+    assert torch.equal(centred.fake_quant(x)[:, 0], bulk.fake_quant(x)[:, 0])  # fits: same
+
+
+def test_family_defaults():
+    from quant.adapters import adapter_for_family
+
+    cfg = QuantConfig()
+    bert = adapter_for_family("hf_bert").resolve(cfg)
+    vit = adapter_for_family("timm_vit").resolve(cfg)
+    assert bert.post_ln_two_scale and bert.keep_bulk
+    assert vit.post_ln_two_scale is False and vit.keep_bulk is False
+    assert adapter_for_family("hf_bert").resolve(QuantConfig(keep_bulk=False)).keep_bulk is False

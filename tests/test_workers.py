@@ -24,9 +24,10 @@ from workers.evaluator import EvaluatorPool, JobContext
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Another module (search.run, the dispatcher) may have started this process's Ray already.
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

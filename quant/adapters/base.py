@@ -25,8 +25,9 @@ class ModelAdapter(ABC):
     """Rewrites one model family into its fully quantized twin, and rebuilds its FP skeleton."""
 
     family: str
-    # What ``QuantConfig.post_ln_two_scale=None`` means for this family.
+    # What ``QuantConfig``'s None fields mean for this family.
     post_ln_two_scale: bool = False
+    keep_bulk: bool = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool: ...
@@ -34,9 +35,9 @@ class ModelAdapter(ABC):
     def resolve(self, config: QuantConfig) -> QuantConfig:
         """``config`` with the family's choices in place of its None fields: what the rewrite
         builds from (the model keeps the config as given, so a checkpoint's recipe does too)."""
-        if config.post_ln_two_scale is None:
-            return replace(config, post_ln_two_scale=self.post_ln_two_scale)
-        return config
+        chosen = {name: getattr(self, name) for name in ("post_ln_two_scale", "keep_bulk")
+                  if getattr(config, name) is None}
+        return replace(config, **chosen) if chosen else config
 
     @abstractmethod
     def rewrite(self, model: nn.Module, factory: QuantizerFactory) -> nn.Module: ...

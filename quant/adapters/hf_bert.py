@@ -64,6 +64,7 @@ def _fuse(*linears: nn.Linear) -> nn.Linear:
 class HFBertAdapter(ModelAdapter):
     family = "hf_bert"
     post_ln_two_scale = True  # see QuantConfig.post_ln_two_scale
+    keep_bulk = True  # see QuantConfig.keep_bulk
 
     def matches(self, model: nn.Module) -> bool:
         bert = sys.modules.get(_BERT)  # a BertModel exists only once its module is imported
