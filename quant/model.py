@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -117,6 +118,9 @@ class Calibrator:
         self._fp_params = {n: self.twin.get_parameter(n).detach().clone()
                            for n in param_quantizers(self.twin)}
         self._last: dict[str, tuple] = {}  # module -> what its last calibration was given
+        # (module, signature) -> its quantizers' calibrated state, for ``incremental`` calls.
+        self._done: OrderedDict[tuple[str, tuple], dict[str, dict]] = OrderedDict()
+        self._fresh: list[tuple[str, tuple]] = []  # searched here since the last export
 
     @staticmethod
     def _signature(m: nn.Module, config: QuantConfig) -> tuple:
@@ -124,14 +128,59 @@ class Calibrator:
             (n, q.bits, repr(sorted(q.restrict.items())))
             for n, q in m.local_quantizers().items())
 
+    # A search revisits the same (module, widths, pins) again and again: a greedy step tries a
+    # layer one width lower and usually reverts it. Kept calibrations are a few scales per
+    # channel each; the bound only guards against an unbounded search.
+    MAX_REMEMBERED = 4096
+
+    @staticmethod
+    def _quantizer_state(q: Quantizer) -> dict:
+        return {"buffers": {k: v.clone() for k, v in q._buffers.items() if v is not None},
+                "chosen_threshold": getattr(q, "chosen_threshold", None)}
+
+    def _remember(self, key: tuple[str, tuple], m: nn.Module) -> None:
+        self._keep(key, {a: self._quantizer_state(q) for a, q in m.local_quantizers().items()})
+        self._fresh.append(key)
+
+    def _keep(self, key: tuple[str, tuple], state: dict[str, dict]) -> None:
+        self._done[key] = state
+        if len(self._done) > self.MAX_REMEMBERED:
+            self._done.popitem(last=False)
+
+    def export_calibrations(self) -> dict:
+        """The module calibrations searched here since the last export, for
+        ``import_calibrations`` of another Calibrator built on the same model and statistics
+        (the workers of one search: each then skips the searches the others made)."""
+        items = {k: self._done[k] for k in self._fresh if k in self._done}
+        self._fresh = []
+        return {"calib_digest": self.calib_digest, "items": items}
+
+    def import_calibrations(self, calibrations: dict) -> None:
+        if calibrations["calib_digest"] != self.calib_digest:
+            raise ValueError("these calibrations come from other calibration inputs")
+        for key, state in calibrations["items"].items():
+            if key not in self._done:
+                self._keep(key, state)
+
+    @staticmethod
+    def _restore(m: nn.Module, state: dict[str, dict]) -> None:
+        for attr, st in state.items():
+            q = getattr(m, attr)
+            for k, v in st["buffers"].items():
+                setattr(q, k, v.clone())
+            if hasattr(q, "chosen_threshold"):
+                q.chosen_threshold = st["chosen_threshold"]
+
     def calibrate(self, config: QuantConfig | None = None, progress: Progress | None = None,
                   copy_model: bool = True, incremental: bool = False) -> QuantizedModel:
         """The twin calibrated under ``config`` (default: the constructor's).
 
         ``copy_model=False`` returns the live twin, valid until the next call (a search scoring
         candidates needs no copies). ``incremental=True`` recalibrates only the modules whose
-        quantizers changed since the last call: every module is searched on the FP statistics
-        alone, so the result is the same, at a fraction of the cost when one layer changes."""
+        quantizers changed since the last call, and of those only the ones never calibrated
+        before with the same widths and pins (the others get their remembered result): every
+        module is searched on the FP statistics alone, so the result is the same, at a fraction
+        of the cost when one layer changes."""
         config = config or self.config
         base, new = self.config.to_dict(), config.to_dict()
         changed = {k for k in base if base[k] != new[k]} - VARIABLE_FIELDS
@@ -149,9 +198,20 @@ class Calibrator:
         start = time.perf_counter()
         modules = quant_modules(self.twin)
         signatures = {n: self._signature(m, config) for n, m in modules}
-        skip = frozenset(n for n, s in signatures.items()
-                         if incremental and self._last.get(n) == s)
-        calibrate_modules(self.twin, config, progress, skip=skip)
+        skip = set()
+        if incremental:
+            for n, m in modules:
+                if self._last.get(n) == signatures[n]:
+                    skip.add(n)
+                elif (n, signatures[n]) in self._done:
+                    self._restore(m, self._done[n, signatures[n]])
+                    self._done.move_to_end((n, signatures[n]))
+                    skip.add(n)
+        calibrate_modules(self.twin, config, progress, skip=frozenset(skip))
+        if incremental:
+            for n, m in modules:
+                if n not in skip:
+                    self._remember((n, signatures[n]), m)
         self._last = signatures
         calibrate_parameters(self.twin, config)
         round_float_parameters(self.twin)

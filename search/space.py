@@ -15,11 +15,12 @@ from dataclasses import dataclass, field, replace
 from itertools import product
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from quant import QuantConfig, QuantizedModel
 from quant.calibrate import integer_parameters
 from quant.factory import QuantizerFactory
+from quant.inputs import Inputs, call, take, to_device
 from quant.modules import QAttention, QWeighted
 from quant.quantizers import ChannelPow2Quantizer, Quantizer, TwoScaleValueQuantizer
 
@@ -116,8 +117,9 @@ class SearchSpace:
     macs: list[tuple[str, str, int]] = field(default_factory=list)
 
     @classmethod
-    def from_model(cls, qmodel: QuantizedModel, image: Tensor) -> SearchSpace:
-        """Measure, with one forward pass on ``image`` (1, C, H, W), what each enabled
+    def from_model(cls, qmodel: QuantizedModel, image: Inputs) -> SearchSpace:
+        """Measure, with one forward pass on the first sample of ``image`` (an image batch, or a
+        text batch whose first text sets the sequence length), what each enabled
         quantizer handles per image and the MACs of every weighted layer and attention matmul."""
         model = qmodel.model
         names = {id(q): n for n, q in qmodel.quantizers()}
@@ -152,7 +154,7 @@ class SearchSpace:
                 hooks.append(m.register_forward_pre_hook(attention(m)))
         try:
             with torch.no_grad():
-                model(image[:1].to(next(model.parameters()).device))
+                call(model, to_device(take(image, 0, 1), next(model.parameters()).device))
         finally:
             for h in hooks:
                 h.remove()

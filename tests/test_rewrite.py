@@ -338,8 +338,43 @@ def test_calibrator_incremental_equals_full(tiny_vit, images):
             QuantConfig(bit_overrides={"blocks.1.mlp.fc1.weight_q": 4,
                                        "blocks.0.attn.a_q": 5}, **FAST)]
     inc, full = Calibrator(tiny_vit, images, cfgs[0]), Calibrator(tiny_vit, images, cfgs[0])
+    # Revisits come back from the remembered calibrations, not from a new search.
+    searched = []
+    inc_calibrate = inc.twin.blocks[1].mlp.fc1.calibrate
+    inc.twin.blocks[1].mlp.fc1.calibrate = lambda cfg: (searched.append(1), inc_calibrate(cfg))
     with torch.no_grad():
-        for cfg in cfgs:
-            a = inc.calibrate(cfg, incremental=True, copy_model=False)(images)
-            b = full.calibrate(cfg)(images)
-            assert torch.equal(a, b)
+        for cfg in cfgs + [cfgs[1], cfgs[0], cfgs[2], cfgs[0]]:
+            qa = inc.calibrate(cfg, incremental=True, copy_model=False)
+            a = qa(images)
+            qb = full.calibrate(cfg)
+            assert torch.equal(a, qb(images))
+            assert qa.layer_report() == qb.layer_report()
+            sb = qb.model.state_dict()
+            assert all(torch.equal(v, sb[k]) for k, v in qa.model.state_dict().items())
+    assert len(searched) == 2  # fc1 at 8 and at 4 bits, each searched once
+
+
+def test_calibrations_shared_between_calibrators(tiny_vit, images):
+    """What a search's workers do: one imports the module calibrations another searched and
+    skips those searches, with the same result; calibrations of other inputs are refused."""
+    from quant import Calibrator
+
+    base = QuantConfig(**FAST)
+    cand = QuantConfig(bit_overrides={"blocks.1.mlp.fc1.weight_q": 4}, **FAST)
+    a, b = Calibrator(tiny_vit, images, base), Calibrator(tiny_vit, images, base)
+    with torch.no_grad():
+        expected = a.calibrate(cand, incremental=True, copy_model=False)(images)
+        shared = a.export_calibrations()
+        assert "blocks.1.mlp.fc1" in {name for name, _ in shared["items"]}
+        assert a.export_calibrations()["items"] == {}  # each calibration is handed on once
+        b.import_calibrations(shared)
+        searched = []
+        for name, m in b.twin.named_modules():
+            if hasattr(m, "local_quantizers"):
+                m.calibrate = lambda cfg, f=m.calibrate, n=name: (searched.append(n), f(cfg))
+        assert torch.equal(b.calibrate(cand, incremental=True, copy_model=False)(images),
+                           expected)
+        assert searched == []
+        other = Calibrator(tiny_vit, images.flip(0), base)
+        with pytest.raises(ValueError, match="other calibration inputs"):
+            other.import_calibrations(shared)

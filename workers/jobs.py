@@ -20,8 +20,10 @@ import torch
 
 from quant import Calibrator, QuantConfig, save_quantized
 from quant.evaluate import compare, logits_of
+from quant.inputs import count, is_text
 from quant.zoo.data import EvalData, digits_data, image_folder_data
-from quant.zoo.models import load_model
+from quant.zoo.models import TEXT_MODELS, load_model
+from quant.zoo.text import TextData, evaluate_text, text_data
 from search.objective import Objective, Score
 from search.space import Candidate, SearchSpace
 from search.strategies import (
@@ -44,7 +46,9 @@ STRATEGIES = ("none", "greedy", "thresholds", "evolutionary")
 class JobInputs:
     model: str = "digits_vit"
     weights: str | Path = "pretrained"  # "pretrained", "random", or a local weights file
-    data: str | Path = "digits"         # "digits", or an ImageFolder root (train/, val/)
+    # "digits", or an ImageFolder root (train/, val/); for a text model ("minilm") "digits" and
+    # "stdlib" both mean the standard library's docstrings (quant.zoo.text)
+    data: str | Path = "digits"
     calib_size: int = 32
     val_size: int = 256
     test_limit: int | None = None
@@ -83,8 +87,14 @@ class JobOutput:
     files: list[tuple[str, Path, str]]
 
 
-def load_data(inputs: JobInputs, model: torch.nn.Module) -> EvalData:
+def load_data(inputs: JobInputs, model: torch.nn.Module) -> EvalData | TextData:
     seed = inputs.config.seed
+    if inputs.model in TEXT_MODELS:
+        if str(inputs.data) not in ("digits", "stdlib"):
+            raise ValueError(f"{inputs.model} is a text encoder: its data is the standard "
+                             "library's docstrings (\"stdlib\"), not an image folder")
+        return text_data(inputs.calib_size, seed, val_size=inputs.val_size,
+                         test_limit=inputs.test_limit)
     if str(inputs.data) == "digits":
         data = digits_data(inputs.calib_size, seed, val_size=inputs.val_size)
         if inputs.test_limit is not None:
@@ -95,17 +105,22 @@ def load_data(inputs: JobInputs, model: torch.nn.Module) -> EvalData:
                              limit=inputs.test_limit, val_size=inputs.val_size)
 
 
-def _versions() -> dict:
+def _versions(inputs_are_text: bool = False) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import timm
 
+    extra = {}
+    if inputs_are_text:
+        import transformers
+
+        extra["transformers"] = transformers.__version__
     try:
         tsptq_version = version("tsptq")
     except PackageNotFoundError:
         tsptq_version = "unknown"
     return {"tsptq": tsptq_version, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), **extra}
 
 
 def _search(inputs: JobInputs, run: SearchRun) -> SearchResult:
@@ -134,7 +149,7 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     base = inputs.config
     model = load_model(inputs.model, inputs.weights)
     data = load_data(inputs, model)
-    if inputs.strategy != "none" and len(data.x_val) == 0:
+    if inputs.strategy != "none" and count(data.x_val) == 0:
         raise ValueError("a search needs held-out training images to score candidates, and "
                          "the training split has none beyond the calibration images: lower "
                          "data.calib_size or add training images")
@@ -160,7 +175,7 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     try:
         # Without held-out images (a tiny ImageFolder), the one candidate of ``none`` is scored
         # on the calibration images; it chooses nothing, and the report says so.
-        val = data.x_val if len(data.x_val) else data.calib
+        val = data.x_val if count(data.x_val) else data.calib
         objective = pool if pool is not None else Objective(model, calibrator, val, base)
         run = SearchRun(space, objective, inputs.budget, inputs.stop,
                         evaluate_many=pool.map if pool is not None else None,
@@ -175,9 +190,14 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     stage = "artifacts"
     progress(run.done, run.done)
     best = calibrator.calibrate(result.best.config(base))
-    test = compare(logits_of(model, data.x_test), logits_of(best, data.x_test), data.y_test)
+    text = is_text(data.x_test)
+    if text:  # cosine and nearest-neighbour agreement of the sentence embeddings
+        test_metrics = evaluate_text(model, best, data.x_test)
+    else:
+        test_metrics = compare(logits_of(model, data.x_test), logits_of(best, data.x_test),
+                               data.y_test).to_dict()
     name = f"{inputs.model}_{base.method}_w{base.w_bits}a{base.a_bits}"
-    ckpt = save_quantized(best, out_dir / f"{name}.safetensors", metrics=test.to_dict())
+    ckpt = save_quantized(best, out_dir / f"{name}.safetensors", metrics=test_metrics)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     files = [("checkpoint", Path(ckpt), "application/octet-stream")]
     plots = out_dir / "plots"
@@ -192,17 +212,19 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     size = Path(ckpt).stat().st_size
     summary = result.to_dict()
     front = summary.pop("front")
-    out = {**test.to_dict(), "size_bytes": size, "fp32_size_bytes": fp32_bytes,
+    out = {**test_metrics, "size_bytes": size, "fp32_size_bytes": fp32_bytes,
            "compression": round(fp32_bytes / size, 2), "candidate": result.best.to_dict(),
            "search": summary}
     report = {"model": inputs.model, "weights": str(inputs.weights), "strategy": inputs.strategy,
               "config": asdict(base), "seed": base.seed, "result": out, "pareto_front": front,
               "budget": asdict(inputs.budget), "stop": asdict(inputs.stop),
-              "calibration_sample_ids": data.calib_ids, "test_images": len(data.y_test),
-              "validation_images": len(data.x_val),
-              "candidates_scored_on": "validation" if len(data.x_val) else "calibration",
+              "calibration_sample_ids": data.calib_ids, "inputs": "texts" if text else "images",
+              **({"corpus_digest": data.corpus_digest} if text else {}),
+              "test_images": count(data.x_test),
+              "validation_images": count(data.x_val),
+              "candidates_scored_on": "validation" if count(data.x_val) else "calibration",
               "layers": best.layer_report(),
-              "costs": result.costs, "versions": _versions(), "timings": timings,
+              "costs": result.costs, "versions": _versions(text), "timings": timings,
               "workers": inputs.workers}
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=str))

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from quant import QuantizedModel
+from quant.inputs import Inputs, call, to_device
 from quant.quantizers import ChannelPow2Quantizer, TwoScaleValueQuantizer
 
 
@@ -41,8 +42,10 @@ def plot_front(front: list[dict], path: Path) -> Path:
     return path
 
 
-def _capture(qmodel: QuantizedModel, images: Tensor) -> dict[str, Tensor]:
-    """The input of every enabled V-2SF/O-2SF quantizer on ``images`` (a bounded sample)."""
+def _capture(qmodel: QuantizedModel, images: Inputs) -> dict[str, Tensor]:
+    """The input of every enabled V-2SF/O-2SF quantizer on ``images`` (a bounded sample). For
+    texts, padding positions are in it too (a plot, unlike calibration, does not mask them:
+    the calibration texts are sorted summaries of 20-256 characters, so they are few)."""
     wanted = {n: q for n, q in qmodel.quantizers() if q.enabled and isinstance(
         q, TwoScaleValueQuantizer | ChannelPow2Quantizer)}
     seen: dict[str, Tensor] = {}
@@ -54,7 +57,7 @@ def _capture(qmodel: QuantizedModel, images: Tensor) -> dict[str, Tensor]:
         hooks.append(q.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            qmodel(images.to(next(qmodel.parameters()).device))
+            call(qmodel, to_device(images, next(qmodel.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -103,7 +106,7 @@ def _o2sf(ax, name: str, q: ChannelPow2Quantizer, x: Tensor) -> None:
     ax.legend(fontsize=7)
 
 
-def plot_histograms(qmodel: QuantizedModel, images: Tensor, folder: Path) -> list[Path]:
+def plot_histograms(qmodel: QuantizedModel, images: Inputs, folder: Path) -> list[Path]:
     """One PNG per V-2SF/O-2SF quantizer: post-Softmax/post-GELU value histograms with their
     split threshold, LayerNorm-input channel ranges with the outliers O-2SF flagged."""
     plt = _pyplot()
