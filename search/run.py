@@ -18,6 +18,7 @@ by ``--workers`` Ray actors (a local Ray, or the cluster named by ``RAY_ADDRESS`
 per-layer configuration and the timings. ``--out`` gets the checkpoint, report.json and the PNG
 plots (the Pareto front, and per V-2SF/O-2SF quantizer its activations with the chosen split).
 ``--data DIR`` takes an ImageFolder root (train/, val/) instead of the bundled digits.
+``--model minilm`` searches the MiniLM text encoder on its bundled corpus (stdlib docstrings).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def inputs_from(args: argparse.Namespace):
 
     return JobInputs(
         model=args.model, weights=args.weights, data=args.data, calib_size=args.calib_size,
-        val_size=args.val_size, config=QuantConfig(method=args.method, setting=args.setting,
-                                                   seed=args.seed, calib_size=args.calib_size),
+        val_size=args.val_size, test_limit=args.test_limit,
+        config=QuantConfig(method=args.method, setting=args.setting, seed=args.seed,
+                           calib_size=args.calib_size),
         strategy=args.strategy,
         budget=Budget(args.budget_weight_bits or args.budget_bits,
                       args.budget_activation_bits or args.budget_bits,
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=10, help="evolutionary")
     p.add_argument("--calib-size", type=int, default=32)
     p.add_argument("--val-size", type=int, default=256)
+    p.add_argument("--test-limit", type=int,
+                   help="evaluate the result on a fixed subset of this many test samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--out", type=Path, help="write the checkpoint, report and plots here")
@@ -110,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"search.run: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
-    if args.max_candidates is not None and args.max_candidates < 1:
-        print("search.run: --max-candidates must be at least 1", file=sys.stderr)
-        return 2
+    for name in ("max_candidates", "test_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"search.run: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
     try:
         report = run(args)
     except (ValueError, FileNotFoundError) as e:
@@ -124,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(text)
     r = report["result"]
     c = report["costs"]
+    if "cosine" in r:  # a text encoder: embeddings against FP32's
+        test = (f"test cosine {r['cosine']:.4f}, nearest-neighbour agreement "
+                f"{r['nn_agreement']:.2%}")
+    else:
+        test = f"test top-1 {r['top1']:.2%} (FP32 {r['fp32_top1']:.2%})"
     print(f"best {r['search']['key']}: weight bits {c['weight_bits']:.2f}, activation bits "
-          f"{c['activation_bits']:.2f}; {r['search']['message']}; test top-1 {r['top1']:.2%} "
-          f"(FP32 {r['fp32_top1']:.2%}); {r['search']['evaluations']} candidates in "
-          f"{report['timings']['search_s']} s")
+          f"{c['activation_bits']:.2f}; {r['search']['message']}; {test}; "
+          f"{r['search']['evaluations']} candidates in {report['timings']['search_s']} s")
     return 0
 
 
