@@ -140,7 +140,7 @@ class Calibrator:
 
     def _remember(self, key: tuple[str, tuple], m: nn.Module) -> None:
         self._keep(key, {a: self._quantizer_state(q) for a, q in m.local_quantizers().items()})
-        self._fresh.append(key)
+        self._fresh = [*self._fresh[-self.MAX_REMEMBERED + 1:], key]  # bounded, if never exported
 
     def _keep(self, key: tuple[str, tuple], state: dict[str, dict]) -> None:
         self._done[key] = state
