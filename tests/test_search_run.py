@@ -47,9 +47,18 @@ def test_image_folder_data_and_strategy_none(tmp_path, capsys):
     assert "test top-1" in capsys.readouterr().out
 
 
+def test_test_limit_keeps_a_fixed_subset(tmp_path, capsys):
+    rc = main(["--strategy", "none", "--calib-size", "8", "--val-size", "8", "--test-limit",
+               "50", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["test_images"] == 50 and report["inputs"] == "images"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--workers", "0"], "--workers must be at least 1"),
     (["--max-candidates", "0"], "--max-candidates must be at least 1"),
+    (["--test-limit", "0"], "--test-limit must be at least 1"),
     (["--data", "/nonexistent/dir", "--strategy", "none"], "is not a directory"),
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys):
