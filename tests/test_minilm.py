@@ -164,3 +164,18 @@ def test_family_defaults():
     assert bert.post_ln_two_scale and bert.keep_bulk
     assert vit.post_ln_two_scale is False and vit.keep_bulk is False
     assert adapter_for_family("hf_bert").resolve(QuantConfig(keep_bulk=False)).keep_bulk is False
+
+
+def test_plots_leave_padding_out(qmodel, data):
+    """The histograms show what calibration saw: real tokens and real query-key pairs only."""
+    from workers.plots import _capture
+
+    mask = data.calib["attention_mask"].bool()
+    assert not bool(mask.all())  # the batch has padding to leave out
+    seen = _capture(qmodel, data.calib)
+    real = int(mask.sum())
+    heads = qmodel.model.config.num_attention_heads
+    pairs = int((mask.sum(1) ** 2).sum()) * heads
+    assert seen["embeddings.LayerNorm.input_q"].shape == (real, 384)
+    assert seen["encoder.layer.0.output.dense.input_q"].shape == (real, 1536)
+    assert seen["encoder.layer.0.attention.self.a_q"].shape == (pairs, 1)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from quant import QuantizedModel
-from quant.inputs import Inputs, call, to_device
+from quant.inputs import Inputs, call, to_device, token_mask
 from quant.quantizers import ChannelPow2Quantizer, TwoScaleValueQuantizer
 
 
@@ -42,18 +42,29 @@ def plot_front(front: list[dict], path: Path) -> Path:
     return path
 
 
+def _real(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x`` without its padding positions, as rows of its last dimension: token rows (N, L, C)
+    keep the real tokens; attention maps (N, H, L, L) the real query-key pairs."""
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask]
+    if (mask is not None and x.dim() == 4 and x.shape[0] == mask.shape[0]
+            and x.shape[2] == x.shape[3] == mask.shape[1]):
+        pairs = mask[:, None, :, None] & mask[:, None, None, :]
+        return x[pairs.expand_as(x)].reshape(-1, 1)
+    return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+
+
 def _capture(qmodel: QuantizedModel, images: Inputs) -> dict[str, Tensor]:
     """The input of every enabled V-2SF/O-2SF quantizer on ``images`` (a bounded sample). For
-    texts, padding positions are in it too (a plot, unlike calibration, does not mask them:
-    the calibration texts are sorted summaries of 20-256 characters, so they are few)."""
+    texts, padding positions are left out, as calibration leaves them out."""
     wanted = {n: q for n, q in qmodel.quantizers() if q.enabled and isinstance(
         q, TwoScaleValueQuantizer | ChannelPow2Quantizer)}
+    mask = token_mask(images)
     seen: dict[str, Tensor] = {}
     hooks = []
     for name, q in wanted.items():
         def hook(_m, args, name=name):
-            x = args[0].detach().float().cpu()
-            seen[name] = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+            seen[name] = _real(args[0].detach().float().cpu(), mask)
         hooks.append(q.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
