@@ -9,10 +9,10 @@ before any route runs or any body is read.
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -75,10 +75,6 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         reason = "missing bearer token" if header is None else "wrong bearer token"
-        body = json.dumps({"detail": f"{reason}: send 'Authorization: Bearer <token>'"}).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        refusal = JSONResponse({"detail": f"{reason}: send 'Authorization: Bearer <token>'"},
+                               status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await refusal(scope, receive, send)

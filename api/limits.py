@@ -7,9 +7,8 @@ configurable limit (``TSPTQ_MAX_UPLOAD_BYTES``).
 
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 1 << 20
@@ -35,13 +34,9 @@ class BodyLimit:
         for name, value in scope.get("headers", ()):
             if name.lower() == b"content-length":
                 if value.isdigit() and int(value) > self.limit:
-                    body = json.dumps({"detail": _too_large(self.limit)}).encode()
-                    await send({"type": "http.response.start", "status": 413, "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close"),
-                    ]})
-                    await send({"type": "http.response.body", "body": body})
+                    refusal = JSONResponse({"detail": _too_large(self.limit)}, status_code=413,
+                                           headers={"Connection": "close"})
+                    await refusal(scope, receive, send)
                     return
                 break
         received = 0

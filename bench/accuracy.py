@@ -102,6 +102,20 @@ def deit_calibration_seconds(device: str) -> list[dict]:
     return out
 
 
+def print_targets(checks: list[tuple[str, bool]]) -> None:
+    print("\n## Targets\n")
+    for name, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+
+
+def write_json(path: Path, out: dict, checks: list[tuple[str, bool]]) -> None:
+    """The benchmark's rows and its targets, each with its verdict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {**out, "targets": [{"target": n, "pass": ok} for n, ok in checks]}
+    path.write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {path}")
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
 
@@ -177,15 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         t88 = next(r for r in rows if (r["method"], r["setting"], r["w_bits"], r["a_bits"])
                    == ("tsptq", "full", 8, 8))
         checks.append(("tsptq W8A8 calibration <= 30 s (one thread)", t88["calib_s"] <= 30))
-        print("\n## Targets\n")
-        for name, ok in checks:
-            print(f"{'PASS' if ok else 'FAIL'}  {name}")
+        print_targets(checks)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"rows": rows, "sqnr": sqnr_rows, "ablations": ablations, "deit_calibration": deit,
-               "targets": [{"target": n, "pass": ok} for n, ok in checks]}
-        args.json.write_text(json.dumps(out, indent=2))
-        print(f"\nwrote {args.json}")
+        write_json(args.json, {"rows": rows, "sqnr": sqnr_rows, "ablations": ablations,
+                               "deit_calibration": deit}, checks)
     return 0
 
 

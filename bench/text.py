@@ -16,7 +16,6 @@ O-2SF flagged at W8A8; (5) the issue's targets, each PASS or FAIL. One CPU threa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.accuracy import table
+from bench.accuracy import print_targets, table, write_json
 from quant import KINDS, QuantConfig, quantize
 from quant.inputs import take
 from quant.modules import QLayerNorm
@@ -195,16 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                 cols + (["o2sf_flagged", "k", "T"] if outliers else [])))
     checks = check_targets(rows, sqnr_rows) if set(args.methods) == set(METHODS) else []
     if checks:
-        print("\n## Targets\n")
-        for name, ok in checks:
-            print(f"{'PASS' if ok else 'FAIL'}  {name}")
+        print_targets(checks)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"rows": rows, "sqnr": sqnr_rows, "ln_only": ln_rows, "outliers": stats,
-               "targets": [{"target": n, "pass": ok} for n, ok in checks],
-               "test_texts": n_test, "corpus_digest": data.corpus_digest}
-        args.json.write_text(json.dumps(out, indent=2))
-        print(f"\nwrote {args.json}")
+        write_json(args.json, {"rows": rows, "sqnr": sqnr_rows, "ln_only": ln_rows,
+                               "outliers": stats, "test_texts": n_test,
+                               "corpus_digest": data.corpus_digest}, checks)
     return 0
 
 

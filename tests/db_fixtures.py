@@ -10,6 +10,7 @@ under the name ``db_url``, and a different Python name keeps ruff's F811 quiet.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -24,11 +25,10 @@ PG_ADMIN_URL = os.environ.get("TSPTQ_TEST_PG_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
-@pytest.fixture(name="db_url", params=["sqlite", "postgresql"])
-def db_url_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'tsptq.db'}"
-        return
+@contextlib.contextmanager
+def pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database on the test server, dropped afterwards; its URL.
+    Raises ``pytest.skip`` when the server cannot be reached."""
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
                           connect_args={"connect_timeout": 3})
     name = f"tsptq_test_{uuid.uuid4().hex}"
@@ -45,3 +45,12 @@ def db_url_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(name="db_url", params=["sqlite", "postgresql"])
+def db_url_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tsptq.db'}"
+        return
+    with pg_database() as url:
+        yield url

@@ -17,23 +17,20 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from db_fixtures import PG_ADMIN_URL
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from db_fixtures import pg_database
 
 from service.demo import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
-__all__ = ["REPO", "Proc", "TcpProxy", "free_port", "pg_database", "service_env", "wait_for"]
+__all__ = ["REPO", "Proc", "TcpProxy", "app_in_thread", "free_port", "pg_database", "service_env",
+           "wait_for"]
 
 
 def service_env(tmp: Path, db_url: str, **settings: Any) -> dict[str, str]:
@@ -61,6 +58,33 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def app_in_thread(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a daemon thread on a free loopback port: its base URL, once
+    ``/healthz`` answers 200; stopped afterwards."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.config.port}"
+
+    def up() -> bool:
+        assert thread.is_alive(), "the test server stopped"
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(up, 30, "the test server", interval=0.05)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -268,27 +292,3 @@ class TcpProxy:
             s.close()
 
     close = cut
-
-
-@contextlib.contextmanager
-def pg_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database on the test server, dropped afterwards; its URL.
-    Raises ``pytest.skip`` when the server cannot be reached."""
-    import pytest
-
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": 3})
-    name = f"tsptq_test_{uuid.uuid4().hex}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as e:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL unreachable at {make_url(PG_ADMIN_URL)!r}: "
-                    f"{str(e.orig).strip().splitlines()[0] if e.orig else e}")
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()

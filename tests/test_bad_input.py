@@ -18,23 +18,19 @@ import json
 import os
 import pickle
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, too
 
-from procs import free_port, pg_database  # noqa: E402
+from procs import app_in_thread, pg_database  # noqa: E402
 from test_api import _handmade_safetensors, _safetensors  # noqa: E402
 
 from api.app import create_app  # noqa: E402
@@ -418,25 +414,10 @@ def _serve(tmp: Path, token: str | None) -> Iterator[Server]:
     (tmp / "data" / "imgs").mkdir()
     settings_ = Settings(database_url=url, data_dir=tmp, data_roots=[tmp / "data"],
                          max_upload_bytes=64 * 1024, api_token=token)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings_, store), host="127.0.0.1",
-                                           port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.config.port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
     try:
-        yield Server(base, store)
+        with app_in_thread(create_app(settings_, store)) as base:
+            yield Server(base, store)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         store.engine.dispose()
 
 

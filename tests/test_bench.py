@@ -40,3 +40,18 @@ def test_check_targets_flags_a_regression():
     assert good["tsptq W8A8 within 0.3 points of FP32"]
     assert not bad["tsptq W8A8 within 0.3 points of FP32"]
     assert good["W4A4: tsptq highest SQNR on ln_input"]
+
+
+def test_json_report_carries_each_target_verdict(tmp_path, capsys):
+    import json
+
+    from bench.accuracy import print_targets, write_json
+
+    checks = [("a met target", True), ("a missed target", False)]
+    print_targets(checks)
+    write_json(tmp_path / "out" / "r.json", {"rows": [{"x": 1}]}, checks)
+    assert json.loads((tmp_path / "out" / "r.json").read_text()) == {
+        "rows": [{"x": 1}], "targets": [{"target": "a met target", "pass": True},
+                                        {"target": "a missed target", "pass": False}]}
+    out = capsys.readouterr().out
+    assert "PASS  a met target" in out and "FAIL  a missed target" in out

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -18,10 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
-import uvicorn
+from procs import app_in_thread, free_port
 from safetensors.torch import save_file
 from sqlalchemy import update
 
@@ -153,12 +151,6 @@ def test_gate_junit_xml():
 # -- a real server ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Service:
     url: str
@@ -173,28 +165,10 @@ def _serve(tmp: Path, token: str | None = None) -> Iterator[Service]:
     upgrade(url)
     store = Store.from_url(url, chunk_bytes=1024)  # several chunks per artifact
     settings = Settings(data_dir=tmp / "data", database_url=url, api_token=token)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, store), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
     try:
-        yield Service(base, store, tmp)
+        with app_in_thread(create_app(settings, store)) as base:
+            yield Service(base, store, tmp)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         store.engine.dispose()
 
 
