@@ -167,7 +167,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if not set(packs) <= set(_DTYPES):
         raise CheckpointError(f"{path}: unexpected tensors {sorted(set(packs) - set(_DTYPES))}")
     try:
-        config = QuantConfig.from_dict(recipe["config"])
+        # Recipes older than ``first_token_scale`` were built without first-token quantizers.
+        config = QuantConfig.from_dict({"first_token_scale": False, **recipe["config"]})
         arch = recipe["architecture"]
         adapter = adapter_for_family(arch["family"])
         twin = adapter.rewrite(adapter.build(arch),

@@ -66,6 +66,11 @@ class QuantConfig:
     # timm (the paper's grid; the digits ViT never meets the case), on for BERT encoders (MiniLM
     # W8A8: KL of the retrieval distributions 0.0075 -> 0.0056).
     keep_bulk: bool | None = None
+    # Token 0 of every sequence gets input quantizers of its own, in every LayerNorm and Linear
+    # (``quant.modules.first_token_input``; a departure from the paper). None: the family's
+    # choice (``ModelAdapter.first_token_scale``): on for BERT encoders under tsptq (their [CLS]
+    # token carries activations ~100x every other token's); not offered for timm (ValueError).
+    first_token_scale: bool | None = None
     # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py).
     # Higher SQNR, but on the digits ViT lower agreement than the paper's grid (BENCHMARKS.md).
     coarse_offset: bool = False

@@ -75,8 +75,14 @@ def test_fully_quantized_twin(minilm, data, qmodel):
     assert len(fc2) == 6 and all(isinstance(m.input_q, TwoScaleValueQuantizer) for m in fc2)
     for q in (m.input_q for m in model.modules() if isinstance(m, QLayerNorm)):
         assert isinstance(q, ChannelPow2Quantizer) and bool(q.calibrated)
-    # The residual stream's known outlier (channel 99, ~100x the median) gets the coarse scale.
-    assert 99 in model.encoder.layer[2].output.LayerNorm.input_q.outlier_channels
+    # Token 0 ([CLS]) has its own input quantizer, of the same kind, in every LayerNorm and Linear.
+    for m in model.modules():
+        if isinstance(m, QLayerNorm | QLinear):
+            assert type(m.first_q) is type(m.input_q) and bool(m.first_q.calibrated)
+            assert m.first_q.kind == m.input_q.kind
+    # The residual stream's known outlier (channel 99: [CLS] drives it to ~100x the median)
+    # gets the coarse scale in [CLS]'s quantizer.
+    assert 99 in model.encoder.layer[2].output.LayerNorm.first_q.outlier_channels
     tables = [k for k in integer_parameters(model) if "embeddings" in k]
     assert len(tables) == 3
     res = compare_embeddings(embeddings_of(minilm, data.x_test), embeddings_of(qmodel, data.x_test))
@@ -161,9 +167,19 @@ def test_family_defaults():
     cfg = QuantConfig()
     bert = adapter_for_family("hf_bert").resolve(cfg)
     vit = adapter_for_family("timm_vit").resolve(cfg)
-    assert bert.post_ln_two_scale and bert.keep_bulk
+    assert bert.post_ln_two_scale and bert.keep_bulk and bert.first_token_scale
     assert vit.post_ln_two_scale is False and vit.keep_bulk is False
+    assert vit.first_token_scale is False
     assert adapter_for_family("hf_bert").resolve(QuantConfig(keep_bulk=False)).keep_bulk is False
+    # [CLS]'s own quantizers are part of tsptq: the baselines keep the papers' layout unless
+    # asked, and a family without a fixed first token refuses them.
+    for method in ("uniform", "twin", "ptf"):
+        resolved = adapter_for_family("hf_bert").resolve(QuantConfig(method=method))
+        assert resolved.first_token_scale is False
+    assert adapter_for_family("hf_bert").resolve(
+        QuantConfig(method="uniform", first_token_scale=True)).first_token_scale
+    with pytest.raises(ValueError, match="first_token_scale is not offered"):
+        adapter_for_family("timm_vit").resolve(QuantConfig(first_token_scale=True))
 
 
 def test_plots_leave_padding_out(qmodel, data):
@@ -176,6 +192,53 @@ def test_plots_leave_padding_out(qmodel, data):
     real = int(mask.sum())
     heads = qmodel.model.config.num_attention_heads
     pairs = int((mask.sum(1) ** 2).sum()) * heads
-    assert seen["embeddings.LayerNorm.input_q"].shape == (real, 384)
-    assert seen["encoder.layer.0.output.dense.input_q"].shape == (real, 1536)
+    texts = len(mask)  # token 0 of each goes to first_q, the other real tokens to input_q
+    assert seen["embeddings.LayerNorm.input_q"].shape == (real - texts, 384)
+    assert seen["embeddings.LayerNorm.first_q"].shape == (texts, 384)
+    assert seen["encoder.layer.0.output.dense.input_q"].shape == (real - texts, 1536)
     assert seen["encoder.layer.0.attention.self.a_q"].shape == (pairs, 1)
+
+
+def test_first_token_quantizer_covers_cls(minilm, data, qmodel):
+    """[CLS] carries MiniLM's massive activation (channel 99, ~100x every other token): with its
+    own quantizer the others' statistics leave it out, and the LayerNorm inputs keep it, where
+    one set of scales for every token clips it (SQNR measured on the test texts)."""
+    cal = Calibrator(minilm, data.calib, QuantConfig(**FAST, calib_size=N_CALIB))
+    ln = cal.twin.encoder.layer[1].output.LayerNorm
+    assert float(ln.stats["x_first"][:, 99].abs().max()) > 50
+    assert float(ln.stats["hi"][99] - ln.stats["lo"][99]) < 10  # the other tokens'
+    shared = quantize(minilm, data.calib, QuantConfig(**FAST, calib_size=N_CALIB,
+                                                      first_token_scale=False))
+    sqnr = {}
+    for tag, q in (("own", qmodel), ("shared", shared)):
+        with q.probe_sqnr() as read:
+            embeddings_of(q, data.x_test)
+        sqnr[tag] = read()["ln_input"]
+    assert sqnr["own"] > 25 and sqnr["shared"] < 20, sqnr
+
+
+def test_recipe_from_before_first_token_scale_loads(minilm, data, tmp_path):
+    """Checkpoints saved before the field existed were built without [CLS] quantizers."""
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    from quant.checkpoint import _digest
+
+    q = quantize(minilm, data.calib, QuantConfig(**FAST, calib_size=N_CALIB,
+                                                 first_token_scale=False))
+    path = save_quantized(q, tmp_path / "new.safetensors")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta["recipe"])
+    del recipe["config"]["first_token_scale"]
+    meta["recipe"] = json.dumps(recipe)
+    meta["digest"] = _digest(tensors, meta["recipe"])
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    again = load_quantized(old)
+    assert not any(m.first_q is not None for m in again.model.modules()
+                   if isinstance(m, QLayerNorm | QLinear))
+    with torch.no_grad():
+        assert torch.equal(q(data.x_test).last_hidden_state, again(data.x_test).last_hidden_state)

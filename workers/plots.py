@@ -44,9 +44,13 @@ def plot_front(front: list[dict], path: Path) -> Path:
 
 def _real(x: Tensor, mask: Tensor | None) -> Tensor:
     """``x`` without its padding positions, as rows of its last dimension: token rows (N, L, C)
-    keep the real tokens; attention maps (N, H, L, L) the real query-key pairs."""
-    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-        return x[mask]
+    keep the real tokens; attention maps (N, H, L, L) the real query-key pairs. A module with a
+    first-token quantizer hands it token 0 (N, 1, C) and the others the rest (N, L - 1, C)."""
+    if mask is not None and x.dim() == 3 and x.shape[0] == mask.shape[0]:
+        if x.shape[1] == mask.shape[1] - 1:
+            return x[mask[:, 1:]]
+        if x.shape[1] in (1, mask.shape[1]):
+            return x[mask[:, : x.shape[1]]]
     if (mask is not None and x.dim() == 4 and x.shape[0] == mask.shape[0]
             and x.shape[2] == x.shape[3] == mask.shape[1]):
         pairs = mask[:, None, :, None] & mask[:, None, None, :]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import replace
 
 import timm
@@ -15,7 +16,16 @@ from ..calibrate import pseudo_label_loss
 from ..config import QuantConfig
 from ..factory import QuantizerFactory
 from ..inputs import Inputs
-from ..modules import QAttention, QConv2d, QLayerNorm, QLinear, QuantModule, UnsupportedModelError
+from ..modules import (
+    QAttention,
+    QConv2d,
+    QLayerNorm,
+    QLinear,
+    QuantModule,
+    UnsupportedModelError,
+    first_token_input,
+)
+from ..quantizers import Quantizer
 
 # Plain LayerNorms (timm's subclass computes the same F.layer_norm).
 _LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
@@ -28,6 +38,10 @@ class ModelAdapter(ABC):
     # What ``QuantConfig``'s None fields mean for this family.
     post_ln_two_scale: bool = False
     keep_bulk: bool = False
+    first_token_scale: bool = False
+    # Whether token 0 of this family's sequences is a fixed special token (``first_token_scale``
+    # may be asked for).
+    fixed_first_token: bool = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool: ...
@@ -35,8 +49,14 @@ class ModelAdapter(ABC):
     def resolve(self, config: QuantConfig) -> QuantConfig:
         """``config`` with the family's choices in place of its None fields: what the rewrite
         builds from (the model keeps the config as given, so a checkpoint's recipe does too)."""
-        chosen = {name: getattr(self, name) for name in ("post_ln_two_scale", "keep_bulk")
+        if config.first_token_scale and not self.fixed_first_token:
+            raise ValueError(f"first_token_scale is not offered for the {self.family} family: "
+                             "its token 0 is not a fixed special token")
+        chosen = {name: getattr(self, name)
+                  for name in ("post_ln_two_scale", "keep_bulk", "first_token_scale")
                   if getattr(config, name) is None}
+        if "first_token_scale" in chosen:  # like post_ln_two_scale, part of tsptq only
+            chosen["first_token_scale"] &= config.method == "tsptq"
         return replace(config, **chosen) if chosen else config
 
     @abstractmethod
@@ -89,8 +109,18 @@ def qlinear(linear: nn.Module, factory: QuantizerFactory, input_kind: str,
             post_ln: bool = False) -> QLinear:
     if type(linear) is not nn.Linear:
         raise UnsupportedModelError(f"no quantized twin for {type(linear).__name__}")
-    input_q = factory.activation(input_kind, linear.in_features, post_ln=post_ln)
-    return QLinear(linear, input_q, factory.weight(linear.out_features))
+
+    def input_q() -> Quantizer:
+        return factory.activation(input_kind, linear.in_features, post_ln=post_ln)
+
+    return _with_first_token(QLinear(linear, input_q(), factory.weight(linear.out_features)),
+                             factory, input_q)
+
+
+def _with_first_token(module: QuantModule, factory: QuantizerFactory,
+                      input_q: Callable[[], Quantizer]) -> QuantModule:
+    """``module``, with its own input quantizer for token 0 when the config asks for it."""
+    return first_token_input(module, input_q()) if factory.config.first_token_scale else module
 
 
 def _replace_children(model: nn.Module, fn) -> None:
@@ -146,7 +176,11 @@ def plain_twin(m: nn.Module, factory: QuantizerFactory) -> nn.Module | None:
     if type(m) in _LAYER_NORMS:
         if len(m.normalized_shape) != 1:
             raise UnsupportedModelError("LayerNorm over more than the last axis")
-        return QLayerNorm(m, factory.activation("ln_input", m.normalized_shape[0]))
+
+        def input_q() -> Quantizer:
+            return factory.activation("ln_input", m.normalized_shape[0])
+
+        return _with_first_token(QLayerNorm(m, input_q()), factory, input_q)
     if type(m) is nn.Conv2d:
         return QConv2d(m, factory.activation("image"), factory.weight(m.out_channels))
     return None

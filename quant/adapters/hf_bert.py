@@ -65,6 +65,8 @@ class HFBertAdapter(ModelAdapter):
     family = "hf_bert"
     post_ln_two_scale = True  # see QuantConfig.post_ln_two_scale
     keep_bulk = True  # see QuantConfig.keep_bulk
+    first_token_scale = True  # see QuantConfig.first_token_scale
+    fixed_first_token = True  # [CLS]
 
     def matches(self, model: nn.Module) -> bool:
         bert = sys.modules.get(_BERT)  # a BertModel exists only once its module is imported
