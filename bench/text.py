@@ -9,8 +9,10 @@ other test text the same as under FP32), the same within subsets of 128 texts, K
 retrieval distributions, calibration seconds;
 (2) SQNR in dB per tensor kind on the test texts, LayerNorm inputs first; (3) the LayerNorm
 inputs alone quantized (everything else FP32), where O-2SF matters; (4) the outlier statistics
-of every LayerNorm input (largest channel range over the median channel's) and the channels
-O-2SF flagged at W8A8; (5) the issue's targets, each PASS or FAIL. One CPU thread.
+of every LayerNorm input (largest channel range over the median channel's, with and without
+the [CLS] token) and the channels O-2SF flagged at W8A8, for the other tokens and for [CLS];
+(5) the issue's targets, each PASS or FAIL; (6) the ablation of [CLS]'s own quantizers
+(tsptq with ``first_token_scale=False``). One CPU thread.
 """
 
 from __future__ import annotations
@@ -69,19 +71,24 @@ def measure(model: torch.nn.Module, data: TextData, fp: torch.Tensor,
 @torch.no_grad()
 def outlier_stats(model: torch.nn.Module, texts: dict[str, torch.Tensor]) -> list[dict]:
     """Per LayerNorm input over the real tokens: r_c = max |x_c|; the largest r_c over the
-    median one, and the channels above 8x the median."""
-    mask = texts["attention_mask"].bool()
+    median one, the channels above 8x the median, and the same without token 0 ([CLS])."""
     peak: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
     hooks = []
-    real = mask
+    real = None
+
+    def keep(store: dict, name: str, r: torch.Tensor) -> None:
+        store[name] = r if name not in store else torch.maximum(store[name], r)
+
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.LayerNorm):
             def hook(_m, args, name=name):
-                r = args[0].detach().abs()[real].amax(0)  # real tokens only
-                peak[name] = r if name not in peak else torch.maximum(peak[name], r)
+                x = args[0].detach().abs()
+                keep(peak, name, x[real].amax(0))  # real tokens only
+                keep(rest, name, x[:, 1:][real[:, 1:]].amax(0))
             hooks.append(m.register_forward_pre_hook(hook))
     try:
-        for i in range(0, mask.shape[0], 64):
+        for i in range(0, texts["attention_mask"].shape[0], 64):
             part = take(texts, i, i + 64)
             real = part["attention_mask"].bool()
             model(**part)
@@ -94,19 +101,23 @@ def outlier_stats(model: torch.nn.Module, texts: dict[str, torch.Tensor]) -> lis
         top = torch.argsort(r, descending=True)
         rows.append({"layernorm_input": name, "max_over_median": round(float(r.max()) / med, 1),
                      "top_channel": int(top[0]),
-                     "channels_over_8x": [int(c) for c in top if float(r[c]) > 8 * med]})
+                     "channels_over_8x": [int(c) for c in top if float(r[c]) > 8 * med],
+                     "without_cls": round(float(rest[name].max() / rest[name].median()), 1)})
     return rows
 
 
 def flagged(qmodel) -> list[dict]:
-    """The outliers O-2SF chose in each LayerNorm input: channels, exponent k, threshold T."""
+    """The outliers O-2SF chose in each LayerNorm input: channels, exponent k, threshold T; and
+    the channels flagged by [CLS]'s own quantizer (``first_token_scale``)."""
     rows = []
     for name, m in qmodel.model.named_modules():
         if isinstance(m, QLayerNorm) and isinstance(m.input_q, ChannelPow2Quantizer):
             q = m.input_q
             rows.append({"layernorm_input": name, "flagged": q.outlier_channels,
                          "k": int(q.exponent.max()),
-                         "T": q.chosen_threshold if q.chosen_threshold is not None else "-"})
+                         "T": q.chosen_threshold if q.chosen_threshold is not None else "-",
+                         "cls_flagged": (m.first_q.outlier_channels if m.first_q is not None
+                                         else [])})
     return rows
 
 
@@ -163,10 +174,21 @@ def main(argv: list[str] | None = None) -> int:
                           **{k: sqnr.get(k, float("nan")) for k in SQNR_KINDS}})
         if (method, wb, ab) == ("tsptq", 8, 8):
             w8a8 = qmodel
+    ablation = []
+    if "tsptq" in args.methods:
+        for wb, ab in tqdm(WIDTHS, desc="tsptq, one scale set for [CLS]", file=sys.stderr):
+            cfg = QuantConfig(w_bits=wb, a_bits=ab, metric=args.metric, first_token_scale=False)
+            row, sqnr, _ = measure(model, data, fp, cfg)
+            ablation.append({"method": "tsptq, [CLS] shares scales", **row,
+                             "ln_input_sqnr": sqnr.get("ln_input", float("nan"))})
     print(f"\n## MiniLM, fully quantized ({n_test} test texts, {len(data.calib_texts)} "
           f"calibration texts, metric {args.metric})\n")
     print(table(rows, ["method", "w_bits", "a_bits", "cosine", "min_cosine", "nn_agreement",
                        "nn_at_128", "kl", "calib_s"]))
+    if ablation:
+        print("\n## Ablation: tsptq without [CLS]'s own quantizers (first_token_scale=False)\n")
+        print(table(ablation, ["method", "w_bits", "a_bits", "cosine", "min_cosine",
+                               "nn_agreement", "nn_at_128", "kl", "ln_input_sqnr"]))
     print("\n## SQNR (dB) per tensor kind, fully quantized, test texts\n")
     print(table(sqnr_rows, ["method", "w_bits", "a_bits", *SQNR_KINDS]))
     ln_rows = []
@@ -185,18 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     stats = outlier_stats(model, data.x_test)
     outliers = flagged(w8a8) if w8a8 is not None else []
     for s, f in zip(stats, outliers, strict=False):
-        s.update(o2sf_flagged=f["flagged"], k=f["k"], T=f["T"])
+        s.update(o2sf_flagged=f["flagged"], k=f["k"], T=f["T"], cls_flagged=f["cls_flagged"])
     print("\n## LayerNorm inputs: outlier channels (FP32, test texts) and O-2SF's choice "
           "(tsptq W8A8)\n")
-    cols = ["layernorm_input", "max_over_median", "top_channel", "channels_over_8x"]
+    cols = ["layernorm_input", "max_over_median", "top_channel", "channels_over_8x",
+            "without_cls"]
     print(table([{**s, "channels_over_8x": _channels(s["channels_over_8x"]),
-                  "o2sf_flagged": _channels(s.get("o2sf_flagged", []))} for s in stats],
-                cols + (["o2sf_flagged", "k", "T"] if outliers else [])))
+                  "o2sf_flagged": _channels(s.get("o2sf_flagged", [])),
+                  "cls_flagged": _channels(s.get("cls_flagged", []))} for s in stats],
+                cols + (["o2sf_flagged", "k", "T", "cls_flagged"] if outliers else [])))
     checks = check_targets(rows, sqnr_rows) if set(args.methods) == set(METHODS) else []
     if checks:
         print_targets(checks)
     if args.json:
         write_json(args.json, {"rows": rows, "sqnr": sqnr_rows, "ln_only": ln_rows,
+                               "first_token_ablation": ablation,
                                "outliers": stats, "test_texts": n_test,
                                "corpus_digest": data.corpus_digest}, checks)
     return 0

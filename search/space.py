@@ -135,7 +135,12 @@ class SearchSpace:
         def weighted(m: QWeighted):
             def hook(_m, _args, out):
                 per_out = m.weight[0].numel()  # in_features, or Cin·kh·kw
-                macs.append((names[id(m.weight_q)], names[id(m.input_q)], out.numel() * per_out))
+                total, w = out.numel() * per_out, names[id(m.weight_q)]
+                if m.first_q is not None and out.dim() == 3 and out.shape[1] > 1:
+                    first = total // out.shape[1]  # token 0 under its own quantizer
+                    macs.append((w, names[id(m.first_q)], first))
+                    total -= first
+                macs.append((w, names[id(m.input_q)], total))
             return hook
 
         def attention(m: QAttention):

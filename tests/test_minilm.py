@@ -242,3 +242,16 @@ def test_recipe_from_before_first_token_scale_loads(minilm, data, tmp_path):
                    if isinstance(m, QLayerNorm | QLinear))
     with torch.no_grad():
         assert torch.equal(q(data.x_test).last_hidden_state, again(data.x_test).last_hidden_state)
+
+
+def test_bench_outlier_tables(minilm, data, qmodel):
+    """bench.text's outlier table: [CLS] is where channel 99's extreme lives, and [CLS]'s own
+    quantizer is the one that flags it."""
+    from bench.text import flagged, outlier_stats
+
+    stats = {r["layernorm_input"]: r for r in outlier_stats(minilm, data.x_test)}
+    assert len(stats) == 13
+    layer0 = stats["encoder.layer.0.output.LayerNorm"]
+    assert layer0["top_channel"] == 99 and layer0["max_over_median"] > 4 * layer0["without_cls"]
+    rows = {r["layernorm_input"]: r for r in flagged(qmodel)}
+    assert 99 in rows["encoder.layer.0.output.LayerNorm"]["cls_flagged"]
