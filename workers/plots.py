@@ -96,7 +96,10 @@ def _v2sf(ax, name: str, q: TwoScaleValueQuantizer, x: Tensor) -> None:
 
 
 def _o2sf(ax, name: str, q: ChannelPow2Quantizer, x: Tensor) -> None:
-    half = (x.amax(0) - x.amin(0)) / 2
+    # Token 0's own quantizer (a module's ``first_q``) sees one row per text, nearly alike, so
+    # its channels' spread says little (the embedding LayerNorm's is exactly zero): show max |x|.
+    first = name.endswith(".first_q")
+    half = (x.abs().amax(0) if first else (x.amax(0) - x.amin(0)) / 2).clamp_min(1e-8)
     outliers = q.exponent.cpu() > 0
     idx = torch.arange(half.numel())
     # One line collection per group: thousands of bar patches would be slow to draw.
@@ -110,14 +113,14 @@ def _o2sf(ax, name: str, q: ChannelPow2Quantizer, x: Tensor) -> None:
                   lw=width, label=f"outlier channels (2^{k}·s)")
     ax.set_ylim(bottom=floor)
     med = float(half.median())
-    if q.chosen_threshold is not None:
+    if q.chosen_threshold is not None and not first:  # T compares half ranges
         ax.axhline(q.chosen_threshold * med, color="black", ls="--",
                    label=f"T·median, T = {q.chosen_threshold:g}")
     ax.set_yscale("log")
     ax.set_title(f"{name}  (O-2SF, {q.bits} bits, {int(outliers.sum())} outliers of "
                  f"{half.numel()})", fontsize=8)
     ax.set_xlabel("channel")
-    ax.set_ylabel("channel half range (log)")
+    ax.set_ylabel("[CLS] max |x| (log)" if first else "channel half range (log)")
     ax.legend(fontsize=7)
 
 
