@@ -12,7 +12,8 @@ inputs alone quantized (everything else FP32), where O-2SF matters; (4) the outl
 of every LayerNorm input (largest channel range over the median channel's, with and without
 the [CLS] token) and the channels O-2SF flagged at W8A8, for the other tokens and for [CLS];
 (5) the issue's targets, each PASS or FAIL; (6) the ablation of [CLS]'s own quantizers
-(tsptq with ``first_token_scale=False``). One CPU thread.
+(tsptq with ``first_token_scale=False``); (7) with ``--draws K``, tsptq W8A8 with and without it
+on K calibration draws. One CPU thread.
 """
 
 from __future__ import annotations
@@ -149,6 +150,18 @@ def check_targets(rows: list[dict], sqnr_rows: list[dict]) -> list[tuple[str, bo
     return checks
 
 
+def calibration_draws(model: torch.nn.Module, fp: torch.Tensor, args) -> list[dict]:
+    """tsptq W8A8 with and without ``first_token_scale`` on ``args.draws`` calibration sets."""
+    rows = []
+    for seed in tqdm(range(args.draws), desc="calibration draws", file=sys.stderr):
+        data = text_data(seed=seed, test_limit=args.test_limit)
+        for first in (True, False):
+            cfg = QuantConfig(metric=args.metric, seed=seed, first_token_scale=first)
+            row, _, _ = measure(model, data, fp, cfg)
+            rows.append({"seed": seed, "first_token_scale": first, **row})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the rows here")
@@ -157,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--skip-ln-only", action="store_true",
                    help="skip the LayerNorm-inputs-only table")
+    p.add_argument("--draws", type=int, default=0, metavar="K",
+                   help="also tsptq W8A8, with and without [CLS]'s own quantizers, for K "
+                        "calibration draws (seeds 0..K-1): how much the agreement moves")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -216,12 +232,17 @@ def main(argv: list[str] | None = None) -> int:
                   "o2sf_flagged": _channels(s.get("o2sf_flagged", [])),
                   "cls_flagged": _channels(s.get("cls_flagged", []))} for s in stats],
                 cols + (["o2sf_flagged", "k", "T", "cls_flagged"] if outliers else [])))
+    draws = calibration_draws(model, fp, args) if args.draws else []
+    if draws:
+        print(f"\n## tsptq W8A8 over {args.draws} calibration draws\n")
+        print(table(draws, ["seed", "first_token_scale", "cosine", "nn_agreement", "nn_at_128",
+                            "kl"]))
     checks = check_targets(rows, sqnr_rows) if set(args.methods) == set(METHODS) else []
     if checks:
         print_targets(checks)
     if args.json:
         write_json(args.json, {"rows": rows, "sqnr": sqnr_rows, "ln_only": ln_rows,
-                               "first_token_ablation": ablation,
+                               "first_token_ablation": ablation, "draws": draws,
                                "outliers": stats, "test_texts": n_test,
                                "corpus_digest": data.corpus_digest}, checks)
     return 0
