@@ -158,8 +158,8 @@ def first_token_input(module: QuantModule, first_q: Quantizer) -> QuantModule:
     "massive activations" (Sun et al., 2024): in MiniLM its channel 99 reaches ~120 where every
     other token stays within a few units, so one set of scales must either clip it or coarsen
     that channel for every token. Token 0 is a fixed position, so integer hardware gives it its
-    own static requantization constants: a LayerNorm is invariant to a per-token scale, and a
-    matmul applies one per output row."""
+    own static constants (scale, exponents, zero points) and nothing else changes: a LayerNorm
+    is invariant to a per-token scale, and a matmul applies one per output row."""
     module.first_q = first_q
     return module
 def _enabled(q: Quantizer) -> bool:
