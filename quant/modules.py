@@ -114,9 +114,11 @@ class QuantModule(nn.Module, ABC):
         start = 1 if self._split_first(x) else 0
         x2, idx, real = capture_rows(x[:, start:] if start else x, self.capture, start)
         self.stats.update(x=x2[idx], lo=real.amin(0), hi=real.amax(0))
-        if start:
-            self.stats["x_first"] = x[:, 0].detach()
-            self._grad_hook(out, "g_first", lambda g: g[:, 0])
+        if start:  # token 0 of every text that has one (a left-padded text would not)
+            m = self.capture.token_mask
+            keep = slice(None) if m is None else m[:, 0].to(x.device)
+            self.stats["x_first"] = x[:, 0].detach()[keep]
+            self._grad_hook(out, "g_first", lambda g: g[:, 0][keep])
         self._grad_hook(out, "g", lambda g: (g[:, start:] if start else g).reshape(
             -1, out_channels)[idx])
 
@@ -127,7 +129,7 @@ class QuantModule(nn.Module, ABC):
         channel ranges over every token: 32 [CLS] rows alone give some channels a range far
         narrower than what a new text's [CLS] brings (measured: MiniLM's KL to FP32 0.005 -> 2)."""
         pairs = [(self.input_q, "x", "g")]
-        if self.first_q is not None and "x_first" in self.stats:
+        if self.first_q is not None and len(self.stats.get("x_first", ())):
             pairs.append((self.first_q, "x_first", "g_first"))
         for q, xk, gk in pairs:
             if not _enabled(q):
@@ -162,6 +164,8 @@ def first_token_input(module: QuantModule, first_q: Quantizer) -> QuantModule:
     is invariant to a per-token scale, and a matmul applies one per output row."""
     module.first_q = first_q
     return module
+
+
 def _enabled(q: Quantizer) -> bool:
     return q.enabled
 
@@ -200,9 +204,10 @@ class QWeighted(QuantModule):
         if _enabled(self.weight_q):
             xw = self._weight_sample(x)
             gw = None if g is None else g[: len(xw)]
-            if "x_first" in self.stats:  # token 0 is computed with the same weights
-                xw = torch.cat([self.stats["x_first"], xw])
-                gw = None if gw is None else torch.cat([self.stats["g_first"], gw])
+            first, g_first = self.stats.get("x_first"), self.stats.get("g_first")
+            if first is not None and (gw is None) == (g_first is None):
+                xw = torch.cat([first, xw])  # token 0 is computed with the same weights
+                gw = None if gw is None else torch.cat([g_first, gw])
             self.weight_q.calibrate(w, None, config.search_points, channel_loss=channel_output_loss(
                 config.metric, lambda wq: self._op(xw, wq - w, None), gw))
         w_hat = self.weight_q(w)

@@ -255,3 +255,16 @@ def test_bench_outlier_tables(minilm, data, qmodel):
     assert layer0["top_channel"] == 99 and layer0["max_over_median"] > 4 * layer0["without_cls"]
     rows = {r["layernorm_input"]: r for r in flagged(qmodel)}
     assert 99 in rows["encoder.layer.0.output.LayerNorm"]["cls_flagged"]
+
+
+def test_first_token_statistics_skip_a_padded_token_zero(minilm, data):
+    """A left-padded text has no [CLS] at position 0: its row 0 enters no statistic."""
+    batch = {k: v[:4].clone() for k, v in data.calib.items()}
+    batch = {k: torch.cat([torch.zeros(4, 2, dtype=v.dtype), v], 1) for k, v in batch.items()}
+    for k in batch:  # texts 1-3 back at position 0; text 0 keeps two padding tokens in front
+        batch[k][1:] = torch.roll(batch[k][1:], -2, dims=1)
+    cal = Calibrator(minilm, batch, QuantConfig(**FAST, calib_size=4))
+    ln = cal.twin.encoder.layer[0].output.LayerNorm
+    assert ln.stats["x_first"].shape == (3, 384) and ln.stats["g_first"].shape == (3, 384)
+    assert float(ln.stats["x_first"][:, 99].abs().min()) > 20  # three real [CLS] rows
+    cal.calibrate()  # the search runs on those rows
