@@ -60,6 +60,10 @@ class QuantConfig:
     # there), on for BERT encoders, whose post-LayerNorm activations carry outlier channels of
     # their own (MiniLM W6A6: mean cosine 0.961 with a per-tensor scale there, 0.980 with O-2SF).
     post_ln_two_scale: bool | None = None
+    # RepQ-ViT's scale reparameterization of the qkv and fc1 inputs (``quant.reparam``): the peer
+    # that ``post_ln_two_scale`` is measured against. timm ViTs with pre-norm blocks only (in a
+    # post-norm block the LayerNorm output is the residual stream too, and cannot be rescaled).
+    post_ln_reparam: bool = False
     # O-2SF: a channel whose grid cannot hold its range keeps its bulk (the end nearer zero)
     # and clips the far tail, where a clamped centred zero point clipped the bulk (see
     # ChannelPow2Quantizer). None: the family's choice (``ModelAdapter.keep_bulk``): off for
@@ -115,6 +119,9 @@ class QuantConfig:
         for name, params in self.pinned.items():
             if not isinstance(params, dict):
                 raise ValueError(f"pinned[{name!r}] must be a mapping of parameter to value")
+        if self.post_ln_reparam and self.post_ln_two_scale:
+            raise ValueError("post_ln_reparam and post_ln_two_scale are alternatives for the same "
+                             "activations: choose one")
         unknown = set(self.disabled) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown tensor kinds {sorted(unknown)}; known: {KINDS}")

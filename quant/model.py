@@ -25,7 +25,7 @@ from .calibrate import (
 )
 from .config import QuantConfig
 from .factory import QuantizerFactory, apply_overrides
-from .inputs import Inputs, count, digest, take, to_device
+from .inputs import Inputs, call, count, digest, take, to_device
 from .metrics import sqnr_db
 from .quantizers import Quantizer
 
@@ -104,12 +104,16 @@ class Calibrator:
         adapter.check_inputs(calib_images)
         self.architecture = adapter.architecture(model)
         device = next(model.parameters()).device
+        self.images = to_device(take(calib_images, 0, config.calib_size), device)
+        resolved = adapter.resolve(config)
+        fp = copy.deepcopy(model).eval()
+        if config.post_ln_reparam:
+            with torch.no_grad():
+                adapter.reparameterize(fp, lambda: call(fp, self.images))
         # Quantizers are born on the CPU: move the whole twin to the model's device.
-        twin = adapter.rewrite(copy.deepcopy(model).eval(),
-                               QuantizerFactory(adapter.resolve(config)))
+        twin = adapter.rewrite(fp, QuantizerFactory(resolved))
         apply_overrides(twin, config)
         self.twin = twin.to(device)
-        self.images = to_device(take(calib_images, 0, config.calib_size), device)
         start = time.perf_counter()
         collect_statistics(self.twin, self.images, config, adapter.task_loss)
         self.statistics_seconds = time.perf_counter() - start

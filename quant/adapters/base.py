@@ -62,6 +62,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def rewrite(self, model: nn.Module, factory: QuantizerFactory) -> nn.Module: ...
 
+    def reparameterize(self, model: nn.Module, run: Callable[[], object]) -> None:
+        """Fold RepQ-ViT's post-LayerNorm scales into the FP ``model`` in place
+        (``QuantConfig.post_ln_reparam``); ``run`` makes one FP pass on the calibration data."""
+        raise ValueError(f"post_ln_reparam is not offered for the {self.family} family")
+
     @abstractmethod
     def architecture(self, model: nn.Module) -> dict:
         """JSON description from which ``build`` makes the same FP model (random weights)."""

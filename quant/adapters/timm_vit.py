@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from timm.layers import Attention, LayerScale
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from ..calibrate import attach_param_quantizers
 from ..factory import QuantizerFactory
 from ..modules import QAttention, UnsupportedModelError
+from ..reparam import reparameterize_post_ln
 from .base import ModelAdapter, rewrite_transformer, timm_architecture_name
 
 
@@ -29,6 +32,15 @@ class TimmViTAdapter(ModelAdapter):
                   if isinstance(getattr(model, n, None), nn.Parameter)]
         attach_param_quantizers(model, tokens, factory)
         return model
+
+    def reparameterize(self, model: nn.Module, run: Callable[[], object]) -> None:
+        pairs = []
+        for i, blk in enumerate(model.blocks):
+            if type(blk) is not Block:  # a post-norm block's LayerNorm output is the residual
+                raise ValueError(f"post_ln_reparam needs pre-norm blocks; block {i} is "
+                                 f"{type(blk).__name__}")
+            pairs += [(blk.norm1, [blk.attn.qkv]), (blk.norm2, [blk.mlp.fc1])]
+        reparameterize_post_ln(pairs, run)
 
     def architecture(self, model: nn.Module) -> dict:
         blk = model.blocks[0]
