@@ -367,7 +367,13 @@ class EvolutionSettings:
     population: int = 8
     generations: int = 10
     elite: int = 2
-    mutation_rate: float = 0.15  # per gene
+    # Per gene; None: 1 / the number of genes, so a child differs from its parents in about one
+    # gene. 0.15 over the digits ViT's ~80 genes changed ~12 at once, and no child of a good
+    # parent stayed good (see BENCHMARKS.md, the evolutionary rows).
+    mutation_rate: float | None = None
+    # With seeds (e.g. the greedy result), fill the first generation with their mutants rather
+    # than with random candidates, which are far worse and ruin the seeds by crossover.
+    seed_mutants: bool = True
     seed: int = 0
 
 
@@ -389,6 +395,7 @@ def evolutionary_search(run: SearchRun, settings: EvolutionSettings = EvolutionS
     space, budget = run.space, run.budget
     slots = _searchable(space, kinds)
     tunable = [s for s in space.slots.values() if s.params]
+    rate = settings.mutation_rate or 1 / max(1, len(slots) + len(tunable))
 
     def make(bits: dict[str, int], pinned: dict[str, dict]) -> Candidate:
         return Candidate.make({n: b for n, b in bits.items() if b != space.slots[n].bits},
@@ -417,13 +424,21 @@ def evolutionary_search(run: SearchRun, settings: EvolutionSettings = EvolutionS
         return repair({**space.bits_of(Candidate.make()), **bits}, pinned)
 
     def mutate(c: Candidate) -> Candidate:
+        """At a low rate most draws change nothing: draw again (a few times) until one does."""
+        for _ in range(20):
+            child = mutate_once(c)
+            if child.key != c.key:
+                return child
+        return child
+
+    def mutate_once(c: Candidate) -> Candidate:
         bits, pinned = genes(c)
         for s in slots:
-            if rng.random() < settings.mutation_rate:
+            if rng.random() < rate:
                 i = widths.index(bits[s.name]) if bits[s.name] in widths else 0
                 bits[s.name] = widths[max(0, min(len(widths) - 1, i + rng.choice((-1, 1))))]
         for s in tunable:
-            if rng.random() < settings.mutation_rate:
+            if rng.random() < rate:
                 if s.name in pinned and rng.random() < 0.3:
                     del pinned[s.name]  # back to calibration's own choice
                 else:
@@ -444,8 +459,10 @@ def evolutionary_search(run: SearchRun, settings: EvolutionSettings = EvolutionS
         return budget.excess(space, c), run.scores[c.key][1].kl
 
     population = [repair(*genes(c)) for c in seeds][:settings.population]
+    parents = list(population) if settings.seed_mutants else []
     while len(population) < settings.population:
-        population.append(random_candidate())
+        population.append(mutate(parents[len(population) % len(parents)]) if parents
+                          else random_candidate())
     run.expect(settings.population * settings.generations)
     run.evaluate(population)
     for _ in range(settings.generations - 1):
