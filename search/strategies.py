@@ -461,8 +461,12 @@ def evolutionary_search(run: SearchRun, settings: EvolutionSettings = EvolutionS
     population = [repair(*genes(c)) for c in seeds][:settings.population]
     parents = list(population) if settings.seed_mutants else []
     while len(population) < settings.population:
-        population.append(mutate(parents[len(population) % len(parents)]) if parents
-                          else random_candidate())
+        for _ in range(20):  # distinct candidates where a few draws can find them
+            child = (mutate(parents[len(population) % len(parents)]) if parents
+                     else random_candidate())
+            if child.key not in {c.key for c in population}:
+                break
+        population.append(child)
     run.expect(settings.population * settings.generations)
     run.evaluate(population)
     for _ in range(settings.generations - 1):

@@ -109,6 +109,22 @@ def test_evolutionary_meets_budget_is_deterministic_and_improves_on_its_seeds(se
     assert other.met_budget
 
 
+def test_evolution_starts_from_mutants_of_its_seeds(setup):
+    """With a seed, the first generation is the seed and its mutants, each a few genes away
+    (at the default rate, 1 / the number of genes), not random candidates."""
+    space, objective = setup
+    seed = greedy_mixed_precision(SearchRun(space, objective, BUDGET)).best
+    run = SearchRun(space, objective, BUDGET)
+    evolutionary_search(run, EvolutionSettings(population=6, generations=1, seed=3), seeds=[seed])
+    firsts = [c for c, _ in run.scores.values()]
+    assert len(firsts) == 6 and seed.key in {c.key for c in firsts}
+    base = space.bits_of(seed)
+    for c in firsts:
+        bits = space.bits_of(c)
+        changed = sum(bits[n] != base[n] for n in bits) + len(set(c.pinned) ^ set(seed.pinned))
+        assert c.key == seed.key or 1 <= changed <= 4, changed
+
+
 def test_accuracy_target_stops_early_or_says_it_was_missed(setup):
     space, objective = setup
     reached = evolutionary_search(SearchRun(space, objective, BUDGET,
