@@ -368,8 +368,8 @@ class EvolutionSettings:
     generations: int = 10
     elite: int = 2
     # Per gene; None: 1 / the number of genes, so a child differs from its parents in about one
-    # gene. 0.15 over the digits ViT's ~80 genes changed ~12 at once, and no child of a good
-    # parent stayed good (see BENCHMARKS.md, the evolutionary rows).
+    # gene. 0.15 over the digits ViT's ~80 genes changed ~12 at once, and the search found
+    # nothing better than its greedy seed (BENCHMARKS.md, the evolutionary rows).
     mutation_rate: float | None = None
     # With seeds (e.g. the greedy result), fill the first generation with their mutants rather
     # than with random candidates, which are far worse and ruin the seeds by crossover.
@@ -395,7 +395,8 @@ def evolutionary_search(run: SearchRun, settings: EvolutionSettings = EvolutionS
     space, budget = run.space, run.budget
     slots = _searchable(space, kinds)
     tunable = [s for s in space.slots.values() if s.params]
-    rate = settings.mutation_rate or 1 / max(1, len(slots) + len(tunable))
+    rate = (1 / max(1, len(slots) + len(tunable)) if settings.mutation_rate is None
+            else settings.mutation_rate)
 
     def make(bits: dict[str, int], pinned: dict[str, dict]) -> Candidate:
         return Candidate.make({n: b for n, b in bits.items() if b != space.slots[n].bits},
