@@ -40,6 +40,7 @@ ABLATIONS = (
     ("tsptq + V-2SF coarse offset", {"coarse_offset": True}),
     ("tsptq + O-2SF on post-LN (qkv, fc1 inputs)", {"post_ln_two_scale": True}),
     ("tsptq + RepQ-ViT reparameterized post-LN", {"post_ln_reparam": True}),
+    ("tsptq + class token's own input quantizers", {"first_token_scale": True}),
     ("tsptq, sorted-split outlier rule", {"outlier_rule": "sorted_split"}),
     ("tsptq, MSE metric", {"metric": "mse"}),
     ("tsptq, cosine metric", {"metric": "cosine"}),

@@ -73,7 +73,8 @@ class QuantConfig:
     # Token 0 of every sequence gets input quantizers of its own, in every LayerNorm and Linear
     # (``quant.modules.first_token_input``; a departure from the paper). None: the family's
     # choice (``ModelAdapter.first_token_scale``): on for BERT encoders under tsptq (their [CLS]
-    # token carries activations ~100x every other token's); not offered for timm (ValueError).
+    # token carries activations ~100x every other token's); off for timm ViTs (offered where
+    # the class token is token 0); not offered for Swin (a ValueError).
     first_token_scale: bool | None = None
     # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py).
     # Higher SQNR, but on the digits ViT lower agreement than the paper's grid (BENCHMARKS.md).

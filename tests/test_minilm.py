@@ -179,7 +179,7 @@ def test_family_defaults():
     assert adapter_for_family("hf_bert").resolve(
         QuantConfig(method="uniform", first_token_scale=True)).first_token_scale
     with pytest.raises(ValueError, match="first_token_scale is not offered"):
-        adapter_for_family("timm_vit").resolve(QuantConfig(first_token_scale=True))
+        adapter_for_family("timm_swin").resolve(QuantConfig(first_token_scale=True))
 
 
 def test_plots_leave_padding_out(qmodel, data):
@@ -268,3 +268,22 @@ def test_first_token_statistics_skip_a_padded_token_zero(minilm, data):
     assert ln.stats["x_first"].shape == (3, 384) and ln.stats["g_first"].shape == (3, 384)
     assert float(ln.stats["x_first"][:, 99].abs().min()) > 20  # three real [CLS] rows
     cal.calibrate()  # the search runs on those rows
+
+
+def test_a_pooler_keeps_one_input_quantizer(tmp_path):
+    """BERT's pooler reads [CLS] alone (no token axis): no first-token quantizer there, and the
+    model saves and reloads."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=16)
+    cfg._attn_implementation = "eager"
+    bert = BertModel(cfg).eval()
+    ids = torch.randint(1, 50, (4, 8))
+    q = quantize(bert, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                 QuantConfig(**FAST, calib_size=4))
+    assert q.model.pooler.dense.first_q is None
+    assert q.model.encoder.layer[0].output.LayerNorm.first_q is not None
+    again = load_quantized(save_quantized(q, tmp_path / "pooled.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).pooler_output, q(input_ids=ids).pooler_output)

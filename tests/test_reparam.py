@@ -61,3 +61,26 @@ def test_refused_where_it_cannot_apply(tiny_swin, images):
         QuantConfig(post_ln_reparam=True, post_ln_two_scale=True)
     with pytest.raises(ValueError, match="not offered for the timm_swin family"):
         quantize(tiny_swin, images, QuantConfig(**FAST, post_ln_reparam=True))
+
+
+def test_class_token_quantizers_on_a_vit(digits, tmp_path):
+    """``first_token_scale`` on a timm ViT: the class token (position 0) gets its own input
+    quantizers in the LayerNorms and the per-token Linears; the head's input (the pooled class
+    token, 2-D) has no token axis to split. A model without a class token refuses it."""
+    import timm
+
+    from quant.modules import QLayerNorm, QLinear
+
+    model, data = digits
+    q = quantize(model, data.calib, QuantConfig(**FAST, calib_size=16, first_token_scale=True))
+    blk = q.model.blocks[0]
+    for m in (blk.norm1, blk.norm2, blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+        assert isinstance(m, QLayerNorm | QLinear) and bool(m.first_q.calibrated)
+    assert q.model.head.first_q is None and q.model.fc_norm.first_q is None
+    again = load_quantized(save_quantized(q, tmp_path / "cls.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(again(data.x_test), q(data.x_test))
+    pooled = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                               patch_size=8, depth=1, class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="class token"):
+        quantize(pooled, data.calib, QuantConfig(**FAST, calib_size=4, first_token_scale=True))

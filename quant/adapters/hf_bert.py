@@ -115,6 +115,8 @@ class HFBertAdapter(ModelAdapter):
             layer.output.dense = qlinear(layer.output.dense, factory, "post_gelu")
         # The rest: the attention output projection, every LayerNorm, the pooler's Linear.
         _replace_children(model, lambda m: plain_twin(m, factory))
+        if model.pooler is not None:  # it reads [CLS] alone: no token axis to split
+            model.pooler.dense.first_q = None
         attach_param_quantizers(model, list(TABLES), factory, axis=0)
         check_fully_rewritten(model, containers=(mb.BertAttention,))
         return model

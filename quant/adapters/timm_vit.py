@@ -10,13 +10,16 @@ from torch import nn
 
 from ..calibrate import attach_param_quantizers
 from ..factory import QuantizerFactory
-from ..modules import QAttention, UnsupportedModelError
+from ..modules import QAttention, QuantModule, UnsupportedModelError
 from ..reparam import reparameterize_post_ln
 from .base import ModelAdapter, rewrite_transformer, timm_architecture_name
 
 
 class TimmViTAdapter(ModelAdapter):
     family = "timm_vit"
+    # Token 0 is the class token, where the model has one (checked in ``rewrite``); the option
+    # stays off by default here (``first_token_scale``), an ablation on the digits ViT.
+    fixed_first_token = True
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
@@ -27,7 +30,15 @@ class TimmViTAdapter(ModelAdapter):
                 raise UnsupportedModelError(f"ViT block {type(blk).__name__} is not supported")
         if getattr(model, "attn_pool", None) is not None:
             raise UnsupportedModelError("attention-pool (MAP) heads are not supported")
+        if factory.config.first_token_scale and getattr(model, "cls_token", None) is None:
+            raise ValueError("first_token_scale needs a class token at position 0; this model "
+                             "has none")
         model = rewrite_transformer(model, factory, {Attention: QAttention})
+        # After pooling there is no token axis: these take the pooled class token (or mean).
+        for name in ("fc_norm", "head", "head_dist"):
+            m = getattr(model, name, None)
+            if isinstance(m, QuantModule):
+                m.first_q = None
         tokens = [n for n in ("pos_embed", "cls_token", "dist_token", "reg_token")
                   if isinstance(getattr(model, n, None), nn.Parameter)]
         attach_param_quantizers(model, tokens, factory)
