@@ -105,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                       "same_result": len({(r.best.key, tuple(q["key"] for q in r.front))
                                           for r in runs}) == 1}
     if args.scaling_only:
-        print(json.dumps(out["scaling"], indent=2))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(out, indent=2))
-        return 0
+        return _stop_early(out, "scaling", args.json)
 
     print("2. quality", file=sys.stderr)
     uniform = {}
@@ -139,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "greedy_val_kl": greedy.score.kl}
 
     if args.skip_front:
-        print(json.dumps(out["quality"], indent=2))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(out, indent=2))
-        return 0
+        return _stop_early(out, "quality", args.json)
     print("4. Pareto front from 8 to 4 mean bits", file=sys.stderr)
     low, run, secs = timed_search(ctx, space, Budget(4.0, 4.0), 2)
     cands = {k: c for k, (c, _) in run.scores.items()}
@@ -193,9 +185,20 @@ def main(argv: list[str] | None = None) -> int:
         t = f"{q['test']['top1']:.2%}" if q["test"] else ""
         print(f"| {q['mean_bits']:.2f} | {q['weight_bits']:.2f} | {q['activation_bits']:.2f} | "
               f"{q['kl']:.2e} | {q['agreement']:.2%} | {t} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    _write(out, args.json)
+    return 0
+
+
+def _write(out: dict, path: Path | None) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2))
+
+
+def _stop_early(out: dict, part: str, path: Path | None) -> int:
+    """Print the part measured so far and write everything measured."""
+    print(json.dumps(out[part], indent=2))
+    _write(out, path)
     return 0
 
 

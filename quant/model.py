@@ -108,8 +108,7 @@ class Calibrator:
         resolved = adapter.resolve(config)
         fp = copy.deepcopy(model).eval()
         if config.post_ln_reparam:
-            with torch.no_grad():
-                adapter.reparameterize(fp, lambda: call(fp, self.images))
+            adapter.reparameterize(fp, lambda: call(fp, self.images))
         # Quantizers are born on the CPU: move the whole twin to the model's device.
         twin = adapter.rewrite(fp, QuantizerFactory(resolved))
         apply_overrides(twin, config)

@@ -149,7 +149,8 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     base = inputs.config
     model = load_model(inputs.model, inputs.weights)
     data = load_data(inputs, model)
-    if inputs.strategy != "none" and count(data.x_val) == 0:
+    n_val = count(data.x_val)
+    if inputs.strategy != "none" and n_val == 0:
         raise ValueError("a search needs held-out training images to score candidates, and "
                          "the training split has none beyond the calibration images: lower "
                          "data.calib_size or add training images")
@@ -175,7 +176,7 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     try:
         # Without held-out images (a tiny ImageFolder), the one candidate of ``none`` is scored
         # on the calibration images; it chooses nothing, and the report says so.
-        val = data.x_val if count(data.x_val) else data.calib
+        val = data.x_val if n_val else data.calib
         objective = pool if pool is not None else Objective(model, calibrator, val, base)
         run = SearchRun(space, objective, inputs.budget, inputs.stop,
                         evaluate_many=pool.map if pool is not None else None,
@@ -221,8 +222,8 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
               "calibration_sample_ids": data.calib_ids, "inputs": "texts" if text else "images",
               **({"corpus_digest": data.corpus_digest} if text else {}),
               "test_images": count(data.x_test),
-              "validation_images": count(data.x_val),
-              "candidates_scored_on": "validation" if count(data.x_val) else "calibration",
+              "validation_images": n_val,
+              "candidates_scored_on": "validation" if n_val else "calibration",
               "layers": best.layer_report(),
               "costs": result.costs, "versions": _versions(text), "timings": timings,
               "workers": inputs.workers}

@@ -44,18 +44,24 @@ def plot_front(front: list[dict], path: Path) -> Path:
 
 def _real(x: Tensor, mask: Tensor | None) -> Tensor:
     """``x`` without its padding positions, as rows of its last dimension: token rows (N, L, C)
-    keep the real tokens; attention maps (N, H, L, L) the real query-key pairs. A module with a
-    first-token quantizer hands it token 0 (N, 1, C) and the others the rest (N, L - 1, C)."""
-    if mask is not None and x.dim() == 3 and x.shape[0] == mask.shape[0]:
-        if x.shape[1] == mask.shape[1] - 1:
-            return x[mask[:, 1:]]
-        if x.shape[1] in (1, mask.shape[1]):
-            return x[mask[:, : x.shape[1]]]
+    keep the real tokens; attention maps (N, H, L, L) the real query-key pairs."""
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask]
     if (mask is not None and x.dim() == 4 and x.shape[0] == mask.shape[0]
             and x.shape[2] == x.shape[3] == mask.shape[1]):
         pairs = mask[:, None, :, None] & mask[:, None, None, :]
         return x[pairs.expand_as(x)].reshape(-1, 1)
     return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+
+
+def _positions(qmodel: QuantizedModel, name: str, mask: Tensor | None) -> Tensor | None:
+    """The part of ``mask`` a quantizer sees: a module with a first-token quantizer hands it
+    token 0, and its input quantizer the other tokens."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = qmodel.model.get_submodule(owner_name)
+    if mask is None or getattr(owner, "first_q", None) is None:
+        return mask
+    return mask[:, :1] if attr == "first_q" else mask[:, 1:] if attr == "input_q" else mask
 
 
 def _capture(qmodel: QuantizedModel, images: Inputs) -> dict[str, Tensor]:
@@ -67,8 +73,10 @@ def _capture(qmodel: QuantizedModel, images: Inputs) -> dict[str, Tensor]:
     seen: dict[str, Tensor] = {}
     hooks = []
     for name, q in wanted.items():
-        def hook(_m, args, name=name):
-            seen[name] = _real(args[0].detach().float().cpu(), mask)
+        part = _positions(qmodel, name, mask)
+
+        def hook(_m, args, name=name, part=part):
+            seen[name] = _real(args[0].detach().float().cpu(), part)
         hooks.append(q.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
