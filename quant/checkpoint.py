@@ -35,6 +35,7 @@ from .modules import UnsupportedModelError
 from .quantizers import Quantizer
 
 FORMAT = "tsptq.v1"
+PROGRAM = "program."  # tensor-name prefix of the integer program's constants
 _DTYPES = {"u8": torch.uint8, "i16": torch.int16, "i32": torch.int32, "f16": torch.float16,
            "f32": torch.float32}
 
@@ -118,6 +119,10 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike,
         pack = _storage(key, v, wide)
         packs[pack].append(v.to(_DTYPES[pack]).flatten())
     tensors = {f"pack.{k}": torch.cat(v).contiguous() for k, v in packs.items()}
+    program_spec = None
+    if qmodel.program is not None:  # the integer setting: its program, for the engine
+        program_spec, consts = qmodel.program.to_state()
+        tensors.update({f"{PROGRAM}{k}": v for k, v in consts.items()})
     recipe = {
         "architecture": qmodel.architecture,
         "config": qmodel.config.to_dict(),
@@ -125,6 +130,8 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike,
         "metrics": metrics or {},
         "wide": sorted(wide),
     }
+    if program_spec is not None:
+        recipe["program"] = program_spec
     recipe_json = json.dumps(recipe, sort_keys=True)
     meta = {"format": FORMAT, "recipe": recipe_json, "digest": _digest(tensors, recipe_json)}
     path = Path(path)
@@ -160,10 +167,34 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     return tensors, recipe
 
 
+def _program_of(path, tensors: dict[str, Tensor], recipe: dict):
+    from .integer.program import Program
+
+    spec = recipe.get("program")
+    if spec is None:
+        raise CheckpointError(f"{path}: an integer-setting checkpoint without its program")
+    consts = {k[len(PROGRAM):]: v for k, v in tensors.items() if k.startswith(PROGRAM)}
+    try:
+        return Program.from_state(spec, consts)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable integer program: {e}") from None
+
+
+def read_program(path: str | os.PathLike):
+    """The integer program (``quant.integer.Program``) of a checkpoint, after checking the
+    file's integrity: what the integer engine and the exporters read (no model is built)."""
+    tensors, recipe = _read(path)
+    if recipe.get("program") is None:
+        raise CheckpointError(f"{path}: no integer program (quantize with "
+                              "QuantConfig(setting='integer'))")
+    return _program_of(path, tensors, recipe)
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> QuantizedModel:
     """Rebuild the quantized model saved by ``save_quantized``."""
     tensors, recipe = _read(path)
-    packs = {k.removeprefix("pack."): v for k, v in tensors.items()}
+    packs = {k.removeprefix("pack."): v for k, v in tensors.items()
+             if not k.startswith(PROGRAM)}
     if not set(packs) <= set(_DTYPES):
         raise CheckpointError(f"{path}: unexpected tensors {sorted(set(packs) - set(_DTYPES))}")
     try:
@@ -213,6 +244,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         twin.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: tensors do not match the recipe's model: {e}") from None
-    qmodel = QuantizedModel(twin, config, arch, recipe.get("info"))
+    program = None
+    if config.setting == "integer":
+        program = _program_of(path, tensors, recipe)
+    qmodel = QuantizedModel(twin, config, arch, recipe.get("info"), program)
     qmodel.metrics = recipe.get("metrics", {})
     return qmodel.to(device).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 METHODS = ("tsptq", "uniform", "twin", "ptf")
-SETTINGS = ("full", "partial")
+SETTINGS = ("full", "partial", "integer")
 METRICS = ("mse", "cosine", "hessian")
 OUTLIER_RULES = ("threshold", "sorted_split")
 
@@ -45,6 +45,11 @@ class QuantConfig:
     method: str = "tsptq"
     w_bits: int = 8
     a_bits: int = 8
+    # "full": every operand quantized, the rest (residual adds, biases, Softmax, GELU, LayerNorm)
+    # in float; "partial": LayerNorm and its input in float too (PTQ4ViT, RepQ-ViT); "integer":
+    # the integer program a device runs (``quant.integer``): integer operands, int32
+    # accumulators, dyadic requantization, integer Softmax, GELU and LayerNorm, the residual
+    # stream in integers. The float twin is calibrated as under "full", then lowered.
     setting: str = "full"
     # PTQ4ViT's Hessian-guided metric: measured best for every method on the digits ViT.
     metric: str = "hessian"
@@ -123,6 +128,9 @@ class QuantConfig:
         if self.post_ln_reparam and self.post_ln_two_scale:
             raise ValueError("post_ln_reparam and post_ln_two_scale are alternatives for the same "
                              "activations: choose one")
+        if self.setting == "integer" and self.disabled:
+            raise ValueError("the integer setting quantizes every tensor: it takes no disabled "
+                             f"kinds, got {sorted(self.disabled)}")
         unknown = set(self.disabled) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown tensor kinds {sorted(unknown)}; known: {KINDS}")

@@ -7,6 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -29,20 +30,27 @@ from .inputs import Inputs, call, count, digest, take, to_device
 from .metrics import sqnr_db
 from .quantizers import Quantizer
 
+if TYPE_CHECKING:
+    from .integer.program import Program
+
 
 class QuantizedModel(nn.Module):
     """A model's fully (or partially) quantized twin, plus the recipe that made it."""
 
     def __init__(self, model: nn.Module, config: QuantConfig, architecture: dict,
-                 info: dict | None = None) -> None:
+                 info: dict | None = None, program: Program | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.architecture = architecture
         self.info = dict(info or {})
         self.metrics: dict = {}
+        # The integer setting's program (``quant.integer``): what ``forward`` runs there.
+        self.program = program
 
     def forward(self, *args, **kwargs):
+        if self.program is not None:
+            return self.program.forward(*args, **kwargs)
         if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
             return self.model(**args[0])  # a text batch, as its tokenizer returned it
         return self.model(*args, **kwargs)
@@ -117,6 +125,7 @@ class Calibrator:
         collect_statistics(self.twin, self.images, config, adapter.task_loss)
         self.statistics_seconds = time.perf_counter() - start
         self.calib_digest = digest(self.images)
+        self.adapter = adapter
         self.versions = adapter.versions()
         self._fp_params = {n: self.twin.get_parameter(n).detach().clone()
                            for n in param_quantizers(self.twin)}
@@ -231,6 +240,7 @@ class Calibrator:
                     m.stats = stats
         else:
             model = self.twin
+        program = self.adapter.lower(model) if config.setting == "integer" else None
         info = {
             "calib_seconds": round(self.statistics_seconds + seconds, 3),
             "statistics_seconds": round(self.statistics_seconds, 3),
@@ -240,7 +250,7 @@ class Calibrator:
             "torch_version": torch.__version__,
             **self.versions,
         }
-        return QuantizedModel(model, config, self.architecture, info).eval()
+        return QuantizedModel(model, config, self.architecture, info, program).eval()
 
 
 def quantize(model: nn.Module, calib_images: Inputs, config: QuantConfig | None = None,

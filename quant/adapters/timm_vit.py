@@ -12,7 +12,13 @@ from ..calibrate import attach_param_quantizers
 from ..factory import QuantizerFactory
 from ..modules import QAttention, QuantModule, UnsupportedModelError
 from ..reparam import reparameterize_post_ln
-from .base import ModelAdapter, rewrite_transformer, timm_architecture_name
+from .base import (
+    ModelAdapter,
+    class_architecture,
+    mlp_ratio,
+    rewrite_transformer,
+    timm_model_name,
+)
 
 
 class TimmViTAdapter(ModelAdapter):
@@ -20,6 +26,7 @@ class TimmViTAdapter(ModelAdapter):
     # Token 0 is the class token, where the model has one (checked in ``rewrite``); the option
     # stays off by default here (``first_token_scale``), an ablation on the digits ViT.
     fixed_first_token = True
+    timm_class = VisionTransformer
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
@@ -44,6 +51,11 @@ class TimmViTAdapter(ModelAdapter):
         attach_param_quantizers(model, tokens, factory)
         return model
 
+    def lower(self, model: nn.Module):
+        from ..integer.lower_vit import lower_vit
+
+        return lower_vit(model)
+
     def reparameterize(self, model: nn.Module, run: Callable[[], object]) -> None:
         pairs = []
         for i, blk in enumerate(model.blocks):
@@ -56,7 +68,7 @@ class TimmViTAdapter(ModelAdapter):
     def architecture(self, model: nn.Module) -> dict:
         blk = model.blocks[0]
         pe = model.patch_embed
-        return {"family": self.family, "name": timm_architecture_name(model), "kwargs": {
+        kwargs = {
             "img_size": list(pe.img_size), "patch_size": list(pe.patch_size),
             "in_chans": pe.proj.in_channels, "num_classes": model.num_classes,
             "embed_dim": model.embed_dim, "depth": len(model.blocks),
@@ -69,4 +81,24 @@ class TimmViTAdapter(ModelAdapter):
             "pre_norm": not isinstance(model.norm_pre, nn.Identity),
             # Any value creates LayerScale's gamma; the loaded state sets it.
             "init_values": 1.0 if isinstance(blk.ls1, LayerScale) else None,
-        }}
+        }
+        name = timm_model_name(model)
+        if name:
+            return {"family": self.family, "name": name, "kwargs": kwargs}
+        # Built from its class: what a registered name would have decided is recorded too.
+        attn, mlp = blk.attn, blk.mlp
+        return class_architecture(self, model, {
+            **kwargs,
+            "mlp_ratio": mlp_ratio(mlp.fc1.out_features, model.embed_dim),
+            "init_values": getattr(blk.ls1, "init_values", 1.0) if kwargs["init_values"] else None,
+            "proj_bias": attn.proj.bias is not None,
+            "qk_norm": not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity),
+            "scale_attn_norm": not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity),
+            "scale_mlp_norm": not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity),
+            "pos_embed": "learn" if model.pos_embed is not None else "none",
+            "final_norm": not (isinstance(model.norm, nn.Identity)
+                               and isinstance(model.fc_norm, nn.Identity)),
+            "pool_include_prefix": model.pool_include_prefix,
+            "dynamic_img_size": model.dynamic_img_size,
+            "dynamic_img_pad": pe.dynamic_img_pad,
+        })
