@@ -121,6 +121,11 @@ class HFBertAdapter(ModelAdapter):
         check_fully_rewritten(model, containers=(mb.BertAttention,))
         return model
 
+    def lower(self, model: nn.Module):
+        from ..integer.lower_bert import lower_bert
+
+        return lower_bert(model)
+
     def architecture(self, model: nn.Module) -> dict:
         cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
         return {"family": self.family, "config": cfg, "pooler": model.pooler is not None}

@@ -83,12 +83,14 @@ class Builder:
         enc = encoder_for(q, v.step if in_step is None else in_step)
         attrs, tensors = {"enc": enc.attrs()}, prefixed(enc.tensors(), "enc")
         first = None
-        if first_q is not None:
+        if first_q is not None or (v.first is not None and in_step is None):
+            # token 0: its own quantizer, or the same one from its own step
             fstep = (v.first or v).step if in_step is None else in_step
-            fenc = encoder_for(first_q, fstep)
+            fenc = encoder_for(first_q or q, fstep)
             attrs["enc0"] = fenc.attrs()
             tensors.update(prefixed(fenc.tensors(), "enc0"))
-            first = Value("", f64(fenc.step), f64(0), fenc)
+            if first_q is not None:
+                first = Value("", f64(fenc.step), f64(0), fenc)
         name = self.emit(kind, [v], {**attrs, **(extra or {})},
                          {**tensors, **(extra_tensors or {})},
                          {"layer": where, **enc.describe()})
@@ -215,32 +217,66 @@ class Builder:
                          {"layer": where, **enc.describe()})
         return Value(name, f64(enc.step), f64(0), enc)
 
-    def gelu(self, acc: Value, q: Quantizer, where: str) -> Value:
+    def gelu(self, acc: Value, q: Quantizer, where: str,
+             first_q: Quantizer | None = None) -> Value:
         """Integer GELU of a Linear's accumulators, straight to ``q``'s codes (post-GELU)."""
         self.check_requant_input(acc, where)
-        rq = dyadic(acc.step / 2.0 ** -GELU_BITS)
-        return self.encode(acc, q, where, kind="gelu", extra_tensors=rq.tensors("rq"),
-                           in_step=f64(2.0 ** -GELU_BITS))
+        attrs, tensors = {}, dyadic(acc.step / 2.0 ** -GELU_BITS).tensors("rq")
+        if acc.first is not None:
+            attrs["rq0"] = True
+            tensors.update(dyadic(acc.first.step / 2.0 ** -GELU_BITS).tensors("rq0"))
+        return self.encode(Value(acc.name, acc.step, acc.bound), q, where, first_q, kind="gelu",
+                           extra=attrs, extra_tensors=tensors, in_step=f64(2.0 ** -GELU_BITS))
 
-    def requant(self, x: Value, step: float | Tensor, where: str) -> Value:
+    def requant(self, x: Value, step: float | Tensor, where: str,
+                first_step: Tensor | None = None) -> Value:
+        """``x`` to the grid ``step`` (token 0 to ``first_step``, when it has a grid of its own:
+        then ``x`` may carry token 0's own step too)."""
         self.check_requant_input(x, where)
-        d = dyadic(x.step / f64(step))
-        name = self.emit("requant", [x], {}, d.tensors("rq"), {"layer": where, **d.describe()})
-        return Value(name, f64(step), x.bound * d.ratio().abs().max() + 1)
+        attrs, tensors, info = self._row_dyadics("rq", x, 1.0, step, first_step)
+        name = self.emit("requant", [x], attrs, tensors, {"layer": where, **info})
+        ratio = max(float(self.ops[-1].dyadic(p).ratio().abs().max())
+                    for p in ("rq", "rq0") if f"{p}.M" in self.ops[-1].tensors)
+        return self._stream(name, step, first_step, x.bound * ratio + 1)
 
     def residual(self, x: Value, branch: Value, step: float | Tensor, where: str,
-                 gamma: Tensor | None = None) -> Value:
-        """x + γ·branch on the grid ``step`` (the next LayerNorm's): each term requantized by its
-        own dyadic multiplier, LayerScale's γ folded into the branch's."""
+                 gamma: Tensor | None = None, first_step: Tensor | None = None) -> Value:
+        """x + γ·branch on the grid ``step`` (the next LayerNorm's; token 0 on ``first_step``
+        when that LayerNorm gives it a quantizer of its own): each term requantized by its own
+        dyadic multiplier, LayerScale's γ folded into the branch's."""
         self.check_requant_input(x, where)
         self.check_requant_input(branch, where)
         g = torch.ones(()) if gamma is None else f64(gamma)
-        da, db = dyadic(x.step / f64(step)), dyadic(branch.step * g / f64(step))
-        name = self.emit("residual", [x, branch], {}, {**da.tensors("a"), **db.tensors("b")},
-                         {"layer": where, "a": da.describe(), "b": db.describe()})
-        bound = (x.bound.max() * da.ratio().abs().max()
-                 + (branch.bound * db.ratio().abs()).max() + 2)
-        return Value(name, f64(step), f64(bound))
+        a_attrs, a_t, a_info = self._row_dyadics("a", x, 1.0, step, first_step)
+        b_attrs, b_t, b_info = self._row_dyadics("b", branch, g, step, first_step)
+        name = self.emit("residual", [x, branch], {**a_attrs, **b_attrs}, {**a_t, **b_t},
+                         {"layer": where, **a_info, **b_info})
+        op = self.ops[-1]
+        ra = max(float(op.dyadic(p).ratio().abs().max()) for p in ("a", "a0")
+                 if f"{p}.M" in op.tensors)
+        rb = max(float(op.dyadic(p).ratio().abs().max()) for p in ("b", "b0")
+                 if f"{p}.M" in op.tensors)
+        bound = float(x.bound.max()) * ra + float(branch.bound.max()) * rb + 2
+        return self._stream(name, step, first_step, f64(bound))
+
+    @staticmethod
+    def _row_dyadics(prefix: str, x: Value, gain, step, first_step) -> tuple[dict, dict, dict]:
+        """Dyadic multipliers from ``x``'s grid to ``step`` (and, for token 0, from its own
+        grid to ``first_step``, when either differs for it)."""
+        d = dyadic(x.step * gain / f64(step))
+        attrs, tensors, info = {}, d.tensors(prefix), {prefix: d.describe()}
+        if x.first is not None or first_step is not None:
+            src = (x.first or x).step
+            d0 = dyadic(src * gain / f64(step if first_step is None else first_step))
+            attrs[prefix + "0"] = True
+            tensors.update(d0.tensors(prefix + "0"))
+            info[prefix + "0"] = d0.describe()
+        return attrs, tensors, info
+
+    @staticmethod
+    def _stream(name: str, step, first_step, bound) -> Value:
+        first = None if first_step is None else Value("", f64(first_step), f64(bound))
+        return Value(name, f64(step), f64(bound).reshape(-1).max().reshape(()), None, first)
 
 
 def prefixed(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -268,6 +304,13 @@ def stream_step(m: QLayerNorm) -> Tensor:
     if isinstance(q, (ChannelPow2Quantizer, UniformQuantizer)) and q.scale.numel() == 1:
         return f64(q.scale).reshape(())
     raise UnsupportedModelError(f"no residual grid for a {type(q).__name__} LayerNorm input")
+
+
+def first_stream_step(m: QLayerNorm) -> Tensor | None:
+    """Token 0's grid of that stream, when ``m`` gives token 0 a quantizer of its own."""
+    if m.first_q is None:
+        return None
+    return f64(m.first_q.scale).reshape(())
 
 
 def image_codes(b: Builder, q: UniformQuantizer, input_name: str) -> Value:

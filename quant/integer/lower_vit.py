@@ -41,25 +41,33 @@ def _const_on(param: torch.Tensor, q, step) -> torch.Tensor:
     return requantize(ints, dyadic(f64(q.scale).reshape(-1) / step))
 
 
-def attention(b: Builder, m: QAttention, x: Value, where: str, tokens: int) -> Value:
+def attention_core(b: Builder, m: QAttention, x: Value, where: str, tokens: int,
+                   mask: str | None = None) -> Value:
     """Q, K, V to their codes (the 1/√d scale folded into Q's multiplier), Q·Kᵀ, the integer
-    Softmax to A's codes, A·V (fine and coarse matmuls), the heads merged, the projection."""
+    Softmax to A's codes (``mask``: the keys it keeps), A·V (fine and coarse matmuls), the
+    heads merged: the input of the output projection."""
     qkv = b.linear(m.qkv, x, where + ".qkv")
     c = qkv.step.numel() // 3
     heads = []
     for j, (q, extra) in enumerate(((m.q_q, m.scale), (m.k_q, 1.0), (m.v_q, 1.0))):
+        cut = slice(j * c, (j + 1) * c)
         part = b.emit("slice_channels", [qkv], {"start": j * c, "stop": (j + 1) * c})
-        part = Value(part, qkv.step[j * c:(j + 1) * c] * extra,
-                     qkv.bound[j * c:(j + 1) * c] * extra)
+        first = None if qkv.first is None else Value(
+            "", qkv.first.step[cut] * extra, qkv.first.bound[cut] * extra)
+        part = Value(part, qkv.step[cut] * extra, qkv.bound[cut] * extra, None, first)
         codes = b.encode(part, q, f"{where}.{'qkv'[j]}_q")
         h = b.emit("heads", [codes], {"heads": m.num_heads})
         heads.append(Value(h, codes.step, codes.bound, codes.encoder))
     qh, kh, vh = heads
     logits = b.matmul(qh, kh, c // m.num_heads, where + ".qk", transpose_b=True)
-    a = b.softmax(logits, m.a_q, where + ".softmax")
+    a = b.softmax(logits, m.a_q, where + ".softmax", mask)
     av = b.matmul(a, vh, tokens, where + ".av", transpose_b=False)
-    merged = Value(b.emit("merge_heads", [av]), av.step, av.bound)
-    return b.linear(m.proj, merged, where + ".proj")
+    return Value(b.emit("merge_heads", [av]), av.step, av.bound)
+
+
+def attention(b: Builder, m: QAttention, x: Value, where: str, tokens: int) -> Value:
+    """timm's attention: the core, then the output projection."""
+    return b.linear(m.proj, attention_core(b, m, x, where, tokens), where + ".proj")
 
 
 def lower_vit(model: nn.Module) -> Program:

@@ -51,23 +51,13 @@ class Op:
     def first_row(self, x: Tensor, prefix: str, fn: Callable[[Tensor, str], Tensor]) -> Tensor:
         """``fn`` over ``x`` (N, L, …), token 0 with the ``prefix + "0"`` constants when the op
         has them (a first-token quantizer), the others with ``prefix``'s."""
-        if prefix + "0" not in self.attrs or x.dim() < 3 or x.shape[1] < 2:
+        if prefix + "0" not in self.attrs or x.dim() < 2 or x.shape[1] < 2:
             return fn(x, prefix)
         return torch.cat([fn(x[:, :1], prefix + "0"), fn(x[:, 1:], prefix)], dim=1)
 
 
 def _encode(op: Op, x: Tensor) -> Tensor:
     return op.first_row(x, "enc", lambda t, p: op.encoder(p).encode(t))
-
-
-def _operand_parts(op: Op, codes: Tensor, prefix: str) -> list[tuple[Tensor, int]]:
-    if prefix + "0" in op.attrs and codes.dim() >= 3 and codes.shape[1] > 1:
-        first = op.encoder(prefix + "0").operands(codes[:, :1])
-        rest = op.encoder(prefix).operands(codes[:, 1:])
-        if len(first) != len(rest):
-            raise ValueError("token 0's quantizer must have the scheme of the others")
-        return [(torch.cat([a, b], dim=1), s) for (a, s), (b, _) in zip(first, rest, strict=True)]
-    return op.encoder(prefix).operands(codes)
 
 
 def _quantize_image(op: Op, x: Tensor) -> Tensor:
@@ -89,9 +79,13 @@ def _patch_conv(op: Op, codes: Tensor) -> Tensor:
 
 
 def _linear(op: Op, codes: Tensor) -> Tensor:
-    parts = _operand_parts(op, codes, "in")
-    acc = shifted_matmul(parts, op.tensors["weight"].t(), op.attrs.get("chunks", 1))
-    return acc + op.tensors["bias"]
+    """Token 0 with its own quantizer is its own matmul (its V-2SF shift may differ)."""
+    def rows(t: Tensor, prefix: str) -> Tensor:
+        parts = op.encoder(prefix).operands(t)
+        acc = shifted_matmul(parts, op.tensors["weight"].t(), op.attrs.get("chunks", 1))
+        return acc + op.tensors["bias0" if prefix == "in0" else "bias"]
+
+    return op.first_row(codes, "in", rows)
 
 
 def _matmul(op: Op, a: Tensor, b: Tensor) -> Tensor:
@@ -113,7 +107,7 @@ def _residual(op: Op, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _layernorm(op: Op, codes: Tensor) -> Tensor:
-    x = sum(o.to(torch.int64) << s for o, s in _operand_parts(op, codes, "in"))
+    x = op.first_row(codes, "in", lambda t, p: op.encoder(p).operand(t))
     eps = op.tensors["eps"]
     if "eps0" in op.tensors and x.dim() >= 3 and x.shape[1] > 1:
         eps = torch.cat([op.tensors["eps0"].expand(1), eps.expand(x.shape[1] - 1)]).reshape(
@@ -129,7 +123,33 @@ def _softmax(op: Op, logits: Tensor, *mask: Tensor) -> Tensor:
 
 
 def _gelu(op: Op, acc: Tensor) -> Tensor:
-    return _encode(op, int_gelu(requantize(acc, op.dyadic("rq"))))
+    x = op.first_row(acc, "rq", lambda t, p: requantize(t, op.dyadic(p)))
+    return _encode(op, int_gelu(x))
+
+
+def _embed(op: Op, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    """BERT's embeddings sum: each table holds integer codes with one scale per row, so each
+    lookup gathers its rows' dyadic multipliers too and lands on the stream's grid (token 0 on
+    its own quantizer's grid); the three lookups are then added as integers."""
+    n, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).expand(n, -1)
+    types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    out = None
+    for table, ids in (("word", input_ids), ("position", positions), ("type", types)):
+        def lookup(idx: Tensor, prefix: str, table: str = table) -> Tensor:
+            m = op.tensors[f"{table}.{prefix}.M"][idx].unsqueeze(-1)
+            s = op.tensors[f"{table}.{prefix}.N"][idx].unsqueeze(-1)
+            return requantize(op.tensors[f"{table}.codes"][idx], Dyadic(m, s))
+        term = op.first_row(ids, "rq", lookup)
+        out = term if out is None else out + term
+    return out
+
+
+def _key_mask(op: Op, attention_mask: Tensor) -> Tensor:
+    """(N, L) 1/0 mask of real tokens to the (N, 1, 1, L) keys the Softmax keeps (None: all)."""
+    if attention_mask is None:
+        return torch.ones((1, 1, 1, 1), dtype=torch.bool)
+    return attention_mask.bool()[:, None, None, :]
 
 
 def _slice_channels(op: Op, x: Tensor) -> Tensor:
@@ -164,6 +184,58 @@ def _sum_tokens(op: Op, x: Tensor) -> Tensor:
     return x[:, op.attrs["start"]:].sum(1)
 
 
+# Swin: the NHWC stream's index shuffles, the window bias, the spatial sum.
+def _tokens_to_grid(op: Op, x: Tensor) -> Tensor:
+    """(N, H·W, C) to (N, H, W, C)."""
+    h, w = op.attrs["grid"]
+    return x.reshape(x.shape[0], h, w, x.shape[-1])
+
+
+def _roll(op: Op, x: Tensor) -> Tensor:
+    return torch.roll(x, shifts=tuple(op.attrs["shifts"]), dims=tuple(op.attrs["dims"]))
+
+
+def _window_partition(op: Op, x: Tensor) -> Tensor:
+    """(N, H, W, C) to (N·windows, wh·ww, C), windows in row-major order per image."""
+    wh, ww = op.attrs["window"]
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
+
+
+def _window_reverse(op: Op, x: Tensor) -> Tensor:
+    """``_window_partition``'s inverse: (N·windows, wh·ww, C) to (N, H, W, C)."""
+    wh, ww = op.attrs["window"]
+    h, w = op.attrs["grid"]
+    c = x.shape[-1]
+    x = x.reshape(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
+def _window_bias(op: Op, logits: Tensor) -> Tensor:
+    """Integer logits (N·windows, heads, L, L) plus the integer relative position bias
+    (heads, L, L) and, for shifted windows, the integer mask of each window (windows, L, L)."""
+    out = logits + op.tensors["bias"]
+    if "mask" in op.tensors:
+        mask = op.tensors["mask"]
+        out = (out.reshape(-1, mask.shape[0], *out.shape[1:]) + mask.unsqueeze(1)).reshape(
+            out.shape)
+    return out
+
+
+def _patch_merge(op: Op, x: Tensor) -> Tensor:
+    """Each 2×2 neighbourhood of (N, H, W, C) to 4·C channels, in timm's order."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(
+        n, h // 2, w // 2, 4 * c)
+
+
+def _sum_spatial(op: Op, x: Tensor) -> Tensor:
+    """(N, …, C) summed over every axis between the first and the last (mean pooling: the
+    1/count is folded into the next multiplier)."""
+    return x.to(torch.int64).sum(tuple(range(1, x.dim() - 1)))
+
+
 def _dequantize(op: Op, x: Tensor) -> Tensor:
     return (x.to(torch.float64) * op.tensors["scale"].to(torch.float64)).to(torch.float32)
 
@@ -174,6 +246,10 @@ RUNNERS: dict[str, Callable[..., Tensor]] = {
     "softmax": _softmax, "gelu": _gelu, "encode": _encode, "slice_channels": _slice_channels,
     "heads": _heads, "merge_heads": _merge_heads, "prepend": _prepend, "add_const": _add_const,
     "take_token": _take_token, "sum_tokens": _sum_tokens, "dequantize": _dequantize,
+    "tokens_to_grid": _tokens_to_grid, "roll": _roll, "window_partition": _window_partition,
+    "window_reverse": _window_reverse, "window_bias": _window_bias,
+    "patch_merge": _patch_merge, "sum_spatial": _sum_spatial,
+    "embed": _embed, "key_mask": _key_mask,
 }
 
 
@@ -193,7 +269,7 @@ class Program:
         env = dict(zip(self.inputs, args, strict=False))
         env.update(kwargs)
         for op in self.ops:
-            out = RUNNERS[op.kind](op, *(env[i] for i in op.inputs))
+            out = RUNNERS[op.kind](op, *(env.get(i) for i in op.inputs))
             if op.kind not in FLOAT_OPS and out.dtype not in INTEGER_DTYPES:
                 raise FloatLeak(f"{op.kind} -> {op.output} produced {out.dtype}")
             if trace is not None:
