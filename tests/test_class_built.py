@@ -54,11 +54,8 @@ def probe() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
 
-ROUND_TRIPS = [
-    pytest.param(name, setting, marks=pytest.mark.skip(
-        reason="the integer setting is not offered for Swin yet")) if (name, setting) == (
-        "swin", "integer") else (name, setting)
-    for name in BUILDERS for setting in ("full", "partial", "integer")]
+ROUND_TRIPS = [(name, setting) for name in BUILDERS
+               for setting in ("full", "partial", "integer")]
 
 
 @pytest.mark.parametrize("name, setting", ROUND_TRIPS)

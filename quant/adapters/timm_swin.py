@@ -20,6 +20,11 @@ class TimmSwinAdapter(ModelAdapter):
     def rewrite(self, model: nn.Module, factory: QuantizerFactory) -> nn.Module:
         return rewrite_transformer(model, factory, {WindowAttention: QWindowAttention})
 
+    def lower(self, model: nn.Module):
+        from ..integer.lower_swin import lower_swin
+
+        return lower_swin(model)
+
     def architecture(self, model: nn.Module) -> dict:
         pe = model.patch_embed
         blk = model.layers[0].blocks[0]

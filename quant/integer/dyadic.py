@@ -52,26 +52,20 @@ class Dyadic:
 
 def dyadic(ratio: float | Tensor) -> Dyadic:
     """The dyadic multiplier nearest ``ratio`` (any sign; zero gives M = 0)."""
-    r = torch.as_tensor(ratio, dtype=torch.float64).cpu()
-    flat = r.flatten().tolist()
-    ms, ns = [], []
-    for v in flat:
-        if v == 0 or not math.isfinite(v):
-            if not math.isfinite(v):
-                raise ValueError(f"cannot requantize by a non-finite ratio {v}")
-            ms.append(0)
-            ns.append(0)
-            continue
-        n = max(0, MULT_BITS - 1 - math.floor(math.log2(abs(v))))
-        m = round(v * 2.0 ** n)
-        if abs(m) >= 1 << MULT_BITS:  # rounding reached the next power of two
-            n -= 1
-            m = round(v * 2.0 ** n)
-        ms.append(m)
-        ns.append(n)
-    shape = r.shape
-    return Dyadic(torch.tensor(ms, dtype=torch.int64).reshape(shape),
-                  torch.tensor(ns, dtype=torch.int64).reshape(shape))
+    r = torch.as_tensor(ratio, dtype=torch.float64).detach().cpu()
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError("cannot requantize by a non-finite ratio")
+    if bool((r.abs() >= 2.0 ** (MULT_BITS - 1)).any()):
+        raise ValueError(f"a requantization ratio of {float(r.abs().max()):.3g} is beyond the "
+                         f"{MULT_BITS}-bit multiplier: the grids are too far apart")
+    _, exp = torch.frexp(r)  # |r| = f · 2^exp, f in [0.5, 1): floor(log2 |r|) = exp − 1
+    n = (MULT_BITS - exp).clamp_min(0).to(torch.int64)
+    m = torch.round(r * torch.pow(2.0, n.double()))
+    over = (m.abs() >= (1 << MULT_BITS)) & (n > 0)  # rounding reached the next power of two
+    n = torch.where(over, n - 1, n)
+    m = torch.round(r * torch.pow(2.0, n.double()))
+    zero = r == 0
+    return Dyadic(torch.where(zero, 0, m.to(torch.int64)), torch.where(zero, 0, n))
 
 
 def requantize(x: Tensor, d: Dyadic) -> Tensor:

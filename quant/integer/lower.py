@@ -75,6 +75,15 @@ class Builder:
                 f"{where}: its input may reach {bits} bits, beyond the {MAX_INPUT_BITS} that "
                 "requantization by a 24-bit multiplier takes in int64; lower the bit widths")
 
+    @staticmethod
+    def chunks(worst: float, k: int, where: str) -> int:
+        try:
+            return chunks_for(worst, k)
+        except OverflowError as e:
+            raise AccumulatorOverflowError(
+                f"{where}: {e} (worst case {bits_of(worst)} bits over {k} terms); lower its "
+                "bit widths") from None
+
     def encode(self, v: Value, q: Quantizer, where: str, first_q: Quantizer | None = None,
                kind: str = "encode", extra: dict | None = None,
                extra_tensors: dict | None = None, in_step: Tensor | None = None) -> Value:
@@ -165,7 +174,7 @@ class Builder:
                 whole = whole + part * 2.0 ** shift
             total = torch.maximum(total, whole)
         worst = float(torch.stack(part_bounds).max())
-        chunks = chunks_for(worst, w2.shape[1])
+        chunks = self.chunks(worst, w2.shape[1], where)
         b_main = (torch.zeros_like(steps[0]) if bias is None
                   else torch.round(bias / steps[0])).to(torch.int64)
         if b_main.abs().max() > INT32_MAX:
@@ -190,7 +199,7 @@ class Builder:
         bb = max(float(x.max()) for x in b.encoder.operand_bounds())
         parts = [float(x.max()) * bb * k for x in a.encoder.operand_bounds()]
         shifts = [s for _, s in a.encoder.operands(torch.zeros(1, dtype=torch.int64))]
-        chunks = chunks_for(max(parts), k)
+        chunks = self.chunks(max(parts), k, where)
         total = sum(p * 2.0 ** s for p, s in zip(parts, shifts, strict=True))
         name = self.emit("matmul", [a, b], {"a": a.encoder.attrs(), "b": b.encoder.attrs(),
                                             "transpose_b": transpose_b, "chunks": chunks},
@@ -297,12 +306,21 @@ def weight_integers(q: UniformQuantizer, w: Tensor) -> tuple[Tensor, Tensor]:
     return ints, f64(q.scale).reshape(-1)
 
 
+# Fraction bits the residual stream carries beyond the codes of the LayerNorm that reads it. On
+# the codes' own grid each residual add would round the branch to a LayerNorm-input step, and
+# the error would add up block after block (a random-init ViT, whose branches are small against
+# the stream, lost its logits' cosine to FP32 from 0.99 to 0.90 that way); 8 more bits keep
+# the stream within int32 (a 16-to-24-bit integer) and make its rounding negligible.
+STREAM_EXTRA_BITS = 8
+
+
 def stream_step(m: QLayerNorm) -> Tensor:
-    """The grid of the residual stream that ``m`` reads: its input quantizer's base scale
-    (O-2SF's normal channels; the outlier channels are then a shift away)."""
+    """The grid of the residual stream that ``m`` reads: its input quantizer's base scale (O-2SF's
+    normal channels; the outlier channels are then a shift away), STREAM_EXTRA_BITS finer. The
+    LayerNorm's input codes are then a rounding right shift of the stream per channel."""
     q = m.input_q
     if isinstance(q, (ChannelPow2Quantizer, UniformQuantizer)) and q.scale.numel() == 1:
-        return f64(q.scale).reshape(())
+        return f64(q.scale).reshape(()) / 2.0 ** STREAM_EXTRA_BITS
     raise UnsupportedModelError(f"no residual grid for a {type(q).__name__} LayerNorm input")
 
 
@@ -310,7 +328,7 @@ def first_stream_step(m: QLayerNorm) -> Tensor | None:
     """Token 0's grid of that stream, when ``m`` gives token 0 a quantizer of its own."""
     if m.first_q is None:
         return None
-    return f64(m.first_q.scale).reshape(())
+    return f64(m.first_q.scale).reshape(()) / 2.0 ** STREAM_EXTRA_BITS
 
 
 def image_codes(b: Builder, q: UniformQuantizer, input_name: str) -> Value:
