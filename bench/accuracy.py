@@ -2,10 +2,18 @@
 
     python -m bench.accuracy --json out/accuracy.json
 
-Prints (1) top-1, agreement with FP32, KL and calibration seconds (one thread) per row,
+Settings: full, partial and integer (the lowered integer program: ``quant.integer``). Prints
+(1) top-1, agreement with FP32, KL and calibration seconds (one thread) per row,
 (2) SQNR in dB per tensor kind and method on the test split's real activations (fully quantized),
-(3) calibration seconds of timm ``deit_tiny_patch16_224`` (random weights) at 224×224 with
-32 images, per method, and (4) the issue's targets, each PASS or FAIL.
+(3) in the integer setting, each integer kernel's error against its float function over its
+calibrated range (``quant.integer.kernel_errors``) and each layer's worst-case accumulator bits
+(``Program.report``), (4) calibration seconds of timm ``deit_tiny_patch16_224`` (random
+weights) at 224×224 with 32 images, per method, and (5) the issue's targets, each PASS or FAIL.
+A configuration that has no integer program (its accumulators cannot be proved to fit, say)
+is a row with its ``error`` and no metrics.
+
+A quick look: ``--settings integer --methods tsptq --widths 8/8 --skip-ablations --skip-deit``
+(the targets are checked only on the grid they need).
 
 With ``--model NAME --weights pretrained|FILE --data DIR`` the same benchmark runs on any
 supported timm model and an ImageFolder directory (DIR/train for calibration, DIR/val for
@@ -26,11 +34,13 @@ from tqdm import tqdm
 
 from quant import QuantConfig, quantize
 from quant.evaluate import compare, logits_of
+from quant.integer.kernel_errors import kernel_errors
+from quant.modules import UnsupportedModelError
 from quant.zoo.data import EvalData, digits_data, image_folder_data
 from quant.zoo.models import load_model
 
 METHODS = ("uniform", "twin", "ptf", "tsptq")
-SETTINGS = ("full", "partial")
+SETTINGS = ("full", "partial", "integer")
 WIDTHS = ((8, 8), (6, 6), (4, 8), (4, 4))
 SQNR_KINDS = ("post_softmax", "post_gelu", "ln_input", "linear_input", "weight")
 ABLATION_COLUMNS = ("w_bits", "a_bits", "top1", "agreement", "kl")
@@ -49,9 +59,15 @@ ABLATIONS = (
 )
 
 
-def measure(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
-            cfg: QuantConfig) -> tuple[dict, dict[str, float]]:
-    """Quantize under ``cfg``; its accuracy row and its SQNR (dB) per tensor kind."""
+# What lowering raises for a configuration that has no integer program (accumulators beyond
+# int32, a layer without an integer form, grids too far apart for a 24-bit multiplier).
+NO_PROGRAM = (OverflowError, UnsupportedModelError, ValueError)
+
+
+def quantize_and_score(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
+                       cfg: QuantConfig) -> tuple[dict, dict[str, float], object]:
+    """Quantize under ``cfg``: its accuracy row, its SQNR (dB) per tensor kind (none in the
+    integer setting: the program runs no float quantizer) and the quantized model."""
     start = time.perf_counter()
     qmodel = quantize(model, data.calib, cfg)
     calib_s = time.perf_counter() - start
@@ -60,21 +76,98 @@ def measure(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
     row = {"w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "top1": round(res.top1, 4),
            "fp32_top1": round(res.fp32_top1, 4), "agreement": round(res.agreement, 4),
            "kl": float(f"{res.kl:.3g}"), "calib_s": round(calib_s, 2)}
-    return row, {k: round(v, 2) for k, v in read().items()}
+    return row, {k: round(v, 2) for k, v in read().items()}, qmodel
 
 
-def run_grid(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
-             metric: str) -> tuple[list[dict], list[dict]]:
+def measure(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
+            cfg: QuantConfig) -> tuple[dict, dict[str, float]]:
+    """Quantize under ``cfg``; its accuracy row and its SQNR (dB) per tensor kind."""
+    row, sqnr, _ = quantize_and_score(model, data, fp_logits, cfg)
+    return row, sqnr
+
+
+def no_program_row(cfg: QuantConfig, error: Exception, metrics: tuple[str, ...]) -> dict:
+    """The row of a configuration lowering refused: its error, no metrics."""
+    print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}: no integer program "
+          f"({type(error).__name__}: {error})", file=sys.stderr)
+    return {"w_bits": cfg.w_bits, "a_bits": cfg.a_bits, **dict.fromkeys(metrics),
+            "error": f"{type(error).__name__}: {error}"}
+
+
+def integer_details(qmodel, calib, tag: dict) -> dict[str, list[dict]]:
+    """An integer-setting model's kernel errors (``kernel_errors`` on ``calib``) and every
+    worst case ``Program.report`` proves (``accumulator``: an int32 MAC accumulator, split into
+    ``chunks``; otherwise a wider register, as LayerNorm's output), each row tagged with
+    ``tag``."""
+    kernels = [{**tag, **r} for r in kernel_errors(qmodel, calib)]
+    layers = [{**tag, "layer": r["layer"], "op": r["op"], "worst_case_bits": r["worst_case_bits"],
+               "accumulator": "chunks" in r, "chunks": r.get("chunks", 1),
+               "requant_input_bits": r.get("requant_input_bits")}
+              for r in qmodel.program.report() if "worst_case_bits" in r]
+    return {"kernels": kernels, "layers": layers}
+
+
+def print_integer_tables(details: dict[str, list[dict]], widths, method: str = "tsptq") -> None:
+    """The kernel errors (every integer run), and per layer its worst-case accumulator bits:
+    ``method``'s at each width, then the most over every method and width (``*``: split into
+    int32 chunks somewhere)."""
+    if details["kernels"]:
+        print("\n## Integer kernels against their float functions, over their calibrated "
+              "ranges (integer setting)\n")
+        print(table([{**r, "range": f"[{r['range'][0]:.3g}, {r['range'][1]:.3g}]",
+                      "max_abs_error": f"{r['max_abs_error']:.2e}",
+                      "mean_abs_error": f"{r['mean_abs_error']:.2e}"}
+                     for r in details["kernels"]],
+                    ["method", "w_bits", "a_bits", "kernel", "range", "max_abs_error",
+                     "mean_abs_error", "layers"]))
+    layers = [r for r in details["layers"] if r["accumulator"]]
+    if not layers:
+        return
+    order: dict[tuple[str, str], dict] = {}
+    for r in layers:
+        cell = order.setdefault((r["layer"], r["op"]), {"layer": r["layer"], "op": r["op"]})
+        if r["method"] == method:
+            cell[f"W{r['w_bits']}A{r['a_bits']}"] = r["worst_case_bits"]
+        best, chunked = cell.get("_max", 0), cell.get("_chunked", False)
+        cell["_max"], cell["_chunked"] = max(best, r["worst_case_bits"]), chunked or (
+            r["chunks"] > 1)
+    cols = [f"W{w}A{a}" for w, a in widths]
+    out = [{**dict.fromkeys(cols, "-"), **cell,
+            "max (all)": f"{cell['_max']}{'*' if cell['_chunked'] else ''}"}
+           for cell in order.values()]
+    print(f"\n## Worst-case accumulator bits per layer (integer setting: {method} at each "
+          "width, then the most over every method and width; *: split into int32 chunks)\n")
+    print(table(out, ["layer", "op", *cols, "max (all)"]))
+
+
+def run_grid(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor, metric: str,
+             settings=SETTINGS, methods=METHODS, widths=WIDTHS,
+             ) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """Every (method, setting, width): the rows, the SQNR rows (fully quantized) and the
+    integer setting's details (``integer_details``)."""
     rows, sqnr_rows = [], []
-    grid = [(m, s, w) for s in SETTINGS for w in WIDTHS for m in METHODS]
+    details: dict[str, list[dict]] = {"kernels": [], "layers": []}
+    grid = [(m, s, w) for s in settings for w in widths for m in methods]
     for method, setting, (wb, ab) in tqdm(grid, desc="methods", file=sys.stderr):
         cfg = QuantConfig(method=method, setting=setting, w_bits=wb, a_bits=ab, metric=metric)
-        row, sqnr = measure(model, data, fp_logits, cfg)
+        try:
+            row, sqnr, qmodel = quantize_and_score(model, data, fp_logits, cfg)
+        except NO_PROGRAM as e:
+            if setting != "integer":
+                raise
+            rows.append({"method": method, "setting": setting, **no_program_row(
+                cfg, e, ("top1", "fp32_top1", "agreement", "kl", "calib_s"))})
+            continue
         rows.append({"method": method, "setting": setting, **row})
         if setting == "full":
             sqnr_rows.append({"method": method, "w_bits": wb, "a_bits": ab,
                               **{k: sqnr.get(k, float("nan")) for k in SQNR_KINDS}})
-    return rows, sqnr_rows
+        if setting == "integer":
+            more = integer_details(qmodel, data.calib, {"method": method, "w_bits": wb,
+                                                        "a_bits": ab})
+            for k, v in more.items():
+                details[k] += v
+    return rows, sqnr_rows, details
 
 
 def run_ablations(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
@@ -119,7 +212,7 @@ def write_json(path: Path, out: dict, checks: list[tuple[str, bool]]) -> None:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    widths = [max([len(c), *(len(str(r[c])) for r in rows)]) for c in cols]
 
     def line(vals: list) -> str:
         return "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"
@@ -155,6 +248,56 @@ def check_targets(rows: list[dict], sqnr_rows: list[dict]) -> list[tuple[str, bo
     return checks
 
 
+def check_integer_targets(rows: list[dict]) -> list[tuple[str, bool]]:
+    """The issue's targets for the digits ViT in the integer setting; none without its rows.
+    A baseline with no integer program (its row has an ``error``) counts as behind, and the
+    target's name says so; tsptq without one fails every target it is in."""
+    integer = {(r["method"], r["w_bits"], r["a_bits"]): r for r in rows
+               if r["setting"] == "integer"}
+    if not all((m, w, a) in integer for m in METHODS for w, a in WIDTHS):
+        return []
+
+    def ok(r: dict) -> bool:
+        return r.get("error") is None
+
+    def within(w: int, a: int, points: float) -> bool:
+        t = integer[("tsptq", w, a)]
+        return ok(t) and t["fp32_top1"] - t["top1"] <= points / 100 + 1e-9
+
+    t88 = integer[("tsptq", 8, 8)]
+    checks = [
+        ("integer: tsptq W8A8 within 0.5 points of FP32", within(8, 8, 0.5)),
+        ("integer: tsptq W8A8 agreement >= 99%", ok(t88) and t88["agreement"] >= 0.99),
+        ("integer: tsptq W6A6 within 1.5 points of FP32", within(6, 6, 1.5)),
+        ("integer: tsptq W4A8 within 1 point of FP32", within(4, 8, 1.0)),
+    ]
+    for wb, ab in WIDTHS:
+        t = integer[("tsptq", wb, ab)]
+        others = [integer[(m, wb, ab)] for m in METHODS if m != "tsptq"]
+        missing = [o["method"] for o in others if not ok(o)]
+        ahead = ok(t) and all((t["agreement"], -t["kl"]) > (o["agreement"], -o["kl"])
+                              for o in others if ok(o))
+        note = f" ({', '.join(missing)}: no integer program)" if missing else ""
+        checks.append((f"W{wb}A{ab} integer: tsptq ahead of uniform, twin and ptf by "
+                       f"agreement, then KL{note}", ahead))
+    return checks
+
+
+def _shown(rows: list[dict]) -> list[dict]:
+    return [{k: "-" if v is None else v for k, v in r.items()} for r in rows]
+
+
+def _widths(values: list[str]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for v in values:
+        w, _, a = v.partition("/")
+        if (int(w), int(a)) not in WIDTHS:
+            raise SystemExit(f"--widths: {v} is not one of "
+                             f"{', '.join(f'{x}/{y}' for x, y in WIDTHS)}")
+        out.append((int(w), int(a)))
+    return tuple(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the rows here")
@@ -166,37 +309,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default=QuantConfig().metric, choices=("mse", "cosine", "hessian"))
     p.add_argument("--skip-deit", action="store_true", help="skip the deit_tiny timing")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS,
+                   help="a subset of the settings (the targets need all of a setting's rows)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--widths", nargs="+", default=[f"{w}/{a}" for w, a in WIDTHS],
+                   metavar="W/A", help="a subset of " + ", ".join(f"{w}/{a}" for w, a in WIDTHS))
+    p.add_argument("--skip-ablations", action="store_true", help="skip the ablation table")
     args = p.parse_args(argv)
+    widths = _widths(args.widths)
 
     torch.set_num_threads(1)  # calibration seconds are reported for one thread
     model = load_model(args.model, args.weights)
     data = digits_data() if args.data is None else image_folder_data(args.data, model)
     model = model.to(args.device)
     fp_logits = logits_of(model, data.x_test)
-    rows, sqnr_rows = run_grid(model, data, fp_logits, args.metric)
+    rows, sqnr_rows, integer = run_grid(model, data, fp_logits, args.metric, args.settings,
+                                        args.methods, widths)
     print(f"\n## Accuracy ({args.model}, {len(data.y_test)} test images, metric {args.metric})\n")
-    print(table(rows, ["method", "setting", "w_bits", "a_bits", "top1", "fp32_top1", "agreement",
-                       "kl", "calib_s"]))
-    print("\n## SQNR (dB) per tensor kind, fully quantized, test split\n")
-    print(table(sqnr_rows, ["method", "w_bits", "a_bits", *SQNR_KINDS]))
-    ablations = run_ablations(model, data, fp_logits, args.metric)
-    print("\n## Ablations (fully quantized)\n")
-    print(table(ablations, ["variant", "w_bits", "a_bits", "top1", "agreement", "kl",
-                            *(f"{k}_sqnr" for k in SQNR_KINDS[:4])]))
+    print(table(_shown(rows), ["method", "setting", "w_bits", "a_bits", "top1", "fp32_top1",
+                               "agreement", "kl", "calib_s"]))
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['method']} {r['setting']} W{r['w_bits']}A{r['a_bits']}: no integer "
+                  f"program: {r['error']}")
+    if sqnr_rows:
+        print("\n## SQNR (dB) per tensor kind, fully quantized, test split\n")
+        print(table(sqnr_rows, ["method", "w_bits", "a_bits", *SQNR_KINDS]))
+    print_integer_tables(integer, widths)
+    ablations = [] if args.skip_ablations else run_ablations(model, data, fp_logits,
+                                                             args.metric)
+    if ablations:
+        print("\n## Ablations (fully quantized)\n")
+        print(table(ablations, ["variant", "w_bits", "a_bits", "top1", "agreement", "kl",
+                                *(f"{k}_sqnr" for k in SQNR_KINDS[:4])]))
     deit = [] if args.skip_deit else deit_calibration_seconds(args.device)
     if deit:
         print("\n## Calibration seconds, deit_tiny_patch16_224 (random weights), 32 images, "
               f"224x224, W8A8 full, on {args.device} (one CPU thread)\n")
         print(table(deit, ["model", "method", "calib_s"]))
-    checks = check_targets(rows, sqnr_rows) if args.data is None else []
-    if checks:
+    full_grid = set(args.methods) == set(METHODS) and set(widths) == set(WIDTHS)
+    checks = []
+    if args.data is None and full_grid and "full" in args.settings:
+        checks = check_targets(rows, sqnr_rows)
         t88 = next(r for r in rows if (r["method"], r["setting"], r["w_bits"], r["a_bits"])
                    == ("tsptq", "full", 8, 8))
         checks.append(("tsptq W8A8 calibration <= 30 s (one thread)", t88["calib_s"] <= 30))
+    if args.data is None:
+        checks += check_integer_targets(rows)
+    if checks:
         print_targets(checks)
     if args.json:
         write_json(args.json, {"rows": rows, "sqnr": sqnr_rows, "ablations": ablations,
-                               "deit_calibration": deit}, checks)
+                               "deit_calibration": deit, "integer_kernels": integer["kernels"],
+                               "integer_layers": integer["layers"]}, checks)
     return 0
 
 

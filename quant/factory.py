@@ -57,7 +57,7 @@ class QuantizerFactory:
             q = TwoScaleValueQuantizer(bits, region_rule="value", signed=False,
                                        coarse_offset=method == "tsptq" and cfg.coarse_offset)
         elif kind == "post_softmax" and method == "ptf":
-            q = Log2Quantizer(bits)
+            q = Log2Quantizer(bits, 16 if cfg.setting == "integer" else 30)
         elif kind == "post_gelu" and method == "tsptq":
             q = TwoScaleValueQuantizer(bits, region_rule="value", signed=True,
                                        coarse_offset=cfg.coarse_offset)

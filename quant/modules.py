@@ -121,9 +121,19 @@ class QuantModule(nn.Module, ABC):
             self._grad_hook(out, "g_first", lambda g: g[:, 0][keep])
         self._grad_hook(out, "g", lambda g: (g[:, start:] if start else g).reshape(
             -1, out_channels)[idx])
+        src = self.__dict__.get("gelu_source")
+        h = None if src is None else src.__dict__.pop("last_out", None)
+        if h is not None and h.shape == x.shape:  # the GELU's input, for its integer kernel
+            self.stats["h"] = (h[:, start:] if start else h).reshape(-1, h.shape[-1])[idx]
+            if start:
+                self.stats["h_first"] = h[:, 0][keep]
 
-    def _calibrate_input(self, make_loss, config: QuantConfig) -> None:
-        """Search the input quantizer on the captured rows under ``make_loss(x, g)``;
+    def _calibrate_input(self, make_loss, config: QuantConfig,
+                         kernel: dict[str, Tensor] | None = None) -> None:
+        """Search the input quantizer on the captured rows under ``make_loss(x, g, q)``
+        (``q``: the quantizer searched; ``x`` the FP rows, the reference). ``kernel``: per
+        stats key, what an integer kernel makes of those rows (the integer setting): the
+        candidates quantize that instead, so the scales fit what runs;
         per-channel quantizers also get each channel's min and max over *all* calibration
         tokens. A first-token quantizer is searched the same way on token 0's rows, with
         channel ranges over every token: 32 [CLS] rows alone give some channels a range far
@@ -141,7 +151,8 @@ class QuantModule(nn.Module, ABC):
                 if xk == "x_first":
                     lo, hi = torch.minimum(lo, x.amin(0)), torch.maximum(hi, x.amax(0))
                 per_channel = {"lo": lo, "hi": hi}
-            q.calibrate(x, make_loss(x, self.stats.get(gk)), config.search_points,
+            xin = (kernel or {}).get(xk, x)
+            q.calibrate(xin, make_loss(x, self.stats.get(gk), q), config.search_points,
                         **per_channel)
 
     def _grad_hook(self, out: Tensor, key: str, index) -> None:
@@ -164,6 +175,18 @@ def first_token_input(module: QuantModule, first_q: Quantizer) -> QuantModule:
     is invariant to a per-token scale, and a matmul applies one per output row."""
     module.first_q = first_q
     return module
+
+
+def gelu_pair(fc1: QuantModule, fc2: QuantModule) -> None:
+    """Mark ``fc1``'s output as the GELU input whose output ``fc2`` reads: the statistics pass
+    then keeps the GELU's input rows beside fc2's, so that the integer setting scores fc2's
+    input quantizer through the integer GELU. Plain attributes, not submodules: no cycle."""
+    fc1.__dict__["feeds_gelu"] = True
+    fc2.__dict__["gelu_source"] = fc1
+
+
+def _integer(config: QuantConfig) -> bool:
+    return config.setting == "integer"
 
 
 def _enabled(q: Quantizer) -> bool:
@@ -211,8 +234,16 @@ class QWeighted(QuantModule):
             self.weight_q.calibrate(w, None, config.search_points, channel_loss=channel_output_loss(
                 config.metric, lambda wq: self._op(xw, wq - w, None), gw))
         w_hat = self.weight_q(w)
-        self._calibrate_input(lambda xs, gs: output_loss(
-            config.metric, lambda xq: self._op(xq, w_hat, b), self._op(xs, w, b), gs), config)
+        kernel = None
+        if _integer(config) and "h" in self.stats:
+            from .integer import simulate
+
+            kernel = {"x": simulate.gelu(self.stats["h"])}
+            if "h_first" in self.stats:
+                kernel["x_first"] = simulate.gelu(self.stats["h_first"])
+        self._calibrate_input(lambda xs, gs, _q: output_loss(
+            config.metric, lambda xq: self._op(xq, w_hat, b), self._op(xs, w, b), gs), config,
+            kernel)
 
 
 class QLinear(QWeighted):
@@ -231,6 +262,8 @@ class QLinear(QWeighted):
 
     def _capture(self, x: Tensor, out: Tensor) -> None:
         self._capture_input(x, out, self.out_features)
+        if self.__dict__.get("feeds_gelu"):
+            self.__dict__["last_out"] = out.detach()
 
     def _weight_sample(self, x: Tensor) -> Tensor:
         return x[:512]  # the weight search is per channel and needs fewer rows
@@ -286,8 +319,16 @@ class QLayerNorm(QuantModule):
             def consumer(xq: Tensor) -> Tensor:
                 return F.layer_norm(xq, self.normalized_shape, w, b, self.eps)
 
-            self._calibrate_input(lambda xs, gs: output_loss(
-                config.metric, consumer, consumer(xs), gs), config)
+            def make_loss(xs: Tensor, gs: Tensor | None, q: Quantizer):
+                if not _integer(config):
+                    return output_loss(config.metric, consumer, consumer(xs), gs)
+                from .integer import simulate
+
+                # the integer LayerNorm on the candidate's integers (its step: the candidate's)
+                return output_loss(config.metric, lambda xq: simulate.layernorm(
+                    xq, float(q.scale), w, b, self.eps), consumer(xs), gs)
+
+            self._calibrate_input(make_loss, config)
 
 
 class QAttention(QuantModule):
@@ -353,11 +394,26 @@ class QAttention(QuantModule):
                 self.k_q.calibrate(k, output_loss(
                     metric, lambda t: q @ t.transpose(-2, -1), logits, s.get("g_logits")), pts)
             if _enabled(self.a_q):
-                self.a_q.calibrate(a, output_loss(metric, lambda t: t @ v, out, s.get("g_out")),
-                                   pts)
+                a_in = self._kernel_softmax(q, k, a) if _integer(config) else a
+                self.a_q.calibrate(a_in, output_loss(metric, lambda t: t @ v, out,
+                                                     s.get("g_out")), pts)
             if _enabled(self.v_q):
                 self.v_q.calibrate(v, output_loss(metric, lambda t: a @ t, out, s.get("g_out")),
                                    pts)
+
+
+    def _kernel_softmax(self, q: Tensor, k: Tensor, a: Tensor) -> Tensor:
+        """What the integer Softmax makes of the calibration logits: Q·Kᵀ on the calibrated
+        Q and K codes, plus whatever the model added before its Softmax (position bias,
+        masks), recovered as log A − Q·Kᵀ (Softmax is shift-invariant per row; A = 0 is a
+        masked position), on the integer logits' grid s_q·s_k."""
+        from .integer import simulate
+
+        keep = a > 0
+        added = torch.where(keep, a.clamp_min(1e-30).log() - q @ k.transpose(-2, -1), 0)
+        logits = self.q_q(q) @ self.k_q(k).transpose(-2, -1) + added
+        step = float(self.q_q.step(q)) * float(self.k_q.step(k))
+        return simulate.softmax(logits, step, keep)
 
 
 class QWindowAttention(QAttention):

@@ -561,10 +561,16 @@ class Log2Quantizer(Quantizer):
 
     scheme = "log2"
 
+    def __init__(self, bits: int, max_exponent: int = 30) -> None:
+        self.max_exponent = max_exponent
+        super().__init__(bits)
+
     def set_bits(self, bits: int) -> None:
         super().set_bits(bits)
-        # Integer operand range limited to 30 bits so the shift fits int32; smaller values -> 0.
-        self.exp_max = min(self.levels - 2, 30)
+        # Integer operand range limited to 30 bits so the shift fits int32 (16 in the integer
+        # setting, whose Softmax has a 2^-16 step: a smaller value is 0 there already, and A·V's
+        # products must fit int32); smaller values -> 0.
+        self.exp_max = min(self.levels - 2, self.max_exponent)
 
     def codes(self, x: Tensor) -> Tensor:
         q = torch.round(-torch.log2(x.clamp_min(2.0 ** (-self.exp_max - 1))))

@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quant import METHODS, QuantConfig
+from quant.config import SETTINGS
 
 from .strategies import Budget, EvolutionSettings, StopCriteria
 
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", help="digits, or an ImageFolder root")
     p.add_argument("--strategy", default="greedy", choices=STRATEGIES)
     p.add_argument("--method", default="tsptq", choices=METHODS)
-    p.add_argument("--setting", default="full", choices=("full", "partial"))
+    p.add_argument("--setting", default="full", choices=SETTINGS)
     p.add_argument("--budget-bits", type=float, default=4.5)
     p.add_argument("--budget-weight-bits", type=float)
     p.add_argument("--budget-activation-bits", type=float)

@@ -4,7 +4,7 @@ A ``Candidate`` is a set of per-quantizer overrides (bit widths, pinned search p
 of a base ``QuantConfig``; it is JSON-serialisable and has a stable key, so a worker, a database
 row and a report can all name the same candidate. ``SearchSpace.from_model`` measures, once, what
 each quantizer handles per image, which is what the budgets (mean bits, weight bytes, BitOPs)
-are computed from.
+are computed from. BitOPs count a V-2SF operand's matmul twice (``SearchSpace.bitops``).
 """
 
 from __future__ import annotations
@@ -192,10 +192,22 @@ class SearchSpace:
         return sum(bits[s.name] * s.elements / 8 for s in self.slots.values()
                    if s.kind in ("weight", "embedding"))
 
+    def matmuls(self, name: str) -> int:
+        """How many integer matmuls a quantizer's operand takes: 2 for a V-2SF operand (its fine
+        and its coarse part, each b-bit, summed after a shift: ``quant.integer.encoders``),
+        1 for every other (and for an FP or unknown operand)."""
+        slot = self.slots.get(name)
+        return 2 if slot is not None and slot.scheme == "v2sf" else 1
+
     def bitops(self, candidate: Candidate) -> float:
-        """Σ MACs × bits of one operand × bits of the other, per image (FP operands count 32)."""
+        """Σ MACs × bits of one operand × bits of the other, per image (FP operands count 32).
+
+        A V-2SF operand (the post-Softmax input of A·V and the post-GELU input of fc2 under
+        TSPTQ; PTQ4ViT's twin uniform too) is consumed as two integer matmuls, the fine part's
+        and the coarse part's (``quant.integer.encoders``), so its MACs count twice."""
         bits = self.bits_of(candidate)
-        return float(sum(m * bits.get(a, 32) * bits.get(b, 32) for a, b, m in self.macs))
+        return float(sum(m * max(self.matmuls(a), self.matmuls(b)) * bits.get(a, 32)
+                         * bits.get(b, 32) for a, b, m in self.macs))
 
 
 def _param_elements(model: nn.Module, quantizer_name: str) -> int:

@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/")
     q.add_argument("--methods", default="tsptq,uniform,twin,ptf")
     q.add_argument("--widths", type=_widths, default=_widths("8/8,6/6,4/4"))
-    q.add_argument("--setting", default="full", choices=("full", "partial"))
+    q.add_argument("--setting", default="full", choices=("full", "partial", "integer"))
     q.add_argument("--out", help="checkpoint path of the first method at the first width")
     q.set_defaults(func=cmd_quantize)
 

@@ -39,7 +39,11 @@ class DataSpec(Strict):
 
 class QuantSpec(Strict):
     method: Literal["tsptq", "uniform", "twin", "ptf"] = "tsptq"
-    setting: Literal["full", "partial"] = "full"
+    setting: Literal["full", "partial", "integer"] = Field(
+        "full", description='"full" (every tensor quantized, computed in float), "partial" '
+        '(LayerNorm and its input in float) or "integer" (lowered to an integer program: '
+        "int32 accumulators, dyadic requantization, integer Softmax/GELU/LayerNorm; the report "
+        'lists per layer its multipliers, shifts and worst-case accumulator bits)')
     w_bits: int = Field(8, ge=2, le=8)
     a_bits: int = Field(8, ge=3, le=8, description="at least 3: a two-scale code needs a flag")
     seed: int = Field(0, ge=0, le=2**31 - 1)

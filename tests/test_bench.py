@@ -55,3 +55,79 @@ def test_json_report_carries_each_target_verdict(tmp_path, capsys):
                                         {"target": "a missed target", "pass": False}]}
     out = capsys.readouterr().out
     assert "PASS  a met target" in out and "FAIL  a missed target" in out
+
+
+def _integer_rows(tsptq_agreement=0.995, ptf_error=False):
+    out = []
+    for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)):
+        for m in ("uniform", "twin", "ptf", "tsptq"):
+            agree = tsptq_agreement if m == "tsptq" else 0.98
+            row = {"method": m, "setting": "integer", "w_bits": w, "a_bits": a,
+                   "top1": 0.99 - (1 - agree), "fp32_top1": 0.99, "agreement": agree,
+                   "kl": 0.01}
+            if m == "ptf" and ptf_error:
+                row.update(dict.fromkeys(("top1", "fp32_top1", "agreement", "kl")),
+                           error="AccumulatorOverflowError: too wide")
+            out.append(row)
+    return out
+
+
+def test_check_integer_targets():
+    from bench.accuracy import check_integer_targets
+
+    assert check_integer_targets([]) == []  # no integer rows: no integer targets
+    good = dict(check_integer_targets(_integer_rows()))
+    assert len(good) == 8 and all(good.values())
+    bad = dict(check_integer_targets(_integer_rows(tsptq_agreement=0.97)))
+    assert not bad["integer: tsptq W8A8 agreement >= 99%"]
+    assert not bad["W8A8 integer: tsptq ahead of uniform, twin and ptf by agreement, then KL"]
+    # a baseline without an integer program is behind, and the target's name says so
+    missing = dict(check_integer_targets(_integer_rows(ptf_error=True)))
+    name = ("W4A4 integer: tsptq ahead of uniform, twin and ptf by agreement, then KL "
+            "(ptf: no integer program)")
+    assert missing[name]
+
+
+def test_run_grid_integer_rows_and_details(tiny_vit, images, monkeypatch, capsys):
+    import bench.accuracy as acc
+    from quant.integer import AccumulatorOverflowError
+
+    labels = logits_of(tiny_vit, images).argmax(-1)
+    data = EvalData(images[:8], images, labels, list(range(8)))
+    real = acc.quantize
+
+    def quantize(model, calib, cfg):
+        if cfg.method == "ptf":
+            raise AccumulatorOverflowError("blocks.0.attn.av: too wide")
+        return real(model, calib, QuantConfig(**{**cfg.__dict__, **FAST}))
+
+    monkeypatch.setattr(acc, "quantize", quantize)
+    rows, sqnr, details = acc.run_grid(tiny_vit, data, logits_of(tiny_vit, images), "hessian",
+                                       settings=("integer",), methods=("tsptq", "ptf"),
+                                       widths=((8, 8),))
+    assert [(r["method"], r["setting"]) for r in rows] == [("tsptq", "integer"),
+                                                          ("ptf", "integer")]
+    assert rows[0]["agreement"] > 0.5 and rows[1]["agreement"] is None
+    assert "AccumulatorOverflowError" in rows[1]["error"] and sqnr == []
+    assert [k["kernel"] for k in details["kernels"]] == ["softmax", "gelu", "layernorm"]
+    assert all(k["method"] == "tsptq" for k in details["kernels"])
+    acc_layers = [r for r in details["layers"] if r["accumulator"]]
+    assert acc_layers and all(r["worst_case_bits"] <= 32 or r["chunks"] > 1
+                              for r in acc_layers)
+    acc.print_integer_tables(details, ((8, 8),))
+    out = capsys.readouterr().out
+    assert "## Integer kernels" in out and "## Worst-case accumulator bits" in out
+    assert "blocks.0.attn.av" in out
+
+
+def test_text_integer_targets():
+    from bench.text import check_integer_targets
+
+    row = {"method": "tsptq", "setting": "integer", "w_bits": 8, "a_bits": 8, "cosine": 0.996,
+           "nn_agreement": 0.93}
+    assert all(ok for _, ok in check_integer_targets([row]))
+    assert not any(ok for _, ok in check_integer_targets([{**row, "nn_agreement": 0.9,
+                                                           "cosine": 0.99}]))
+    skipped = check_integer_targets([], "UnsupportedModelError: no lowering")
+    assert not any(ok for _, ok in skipped)
+    assert all("no integer program: UnsupportedModelError" in n for n, _ in skipped)

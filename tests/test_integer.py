@@ -85,7 +85,7 @@ def test_report_lists_multipliers_shifts_and_accumulator_bits(digits_integer):
 
 
 def test_an_accumulator_beyond_int32_is_split_never_wrapped(tiny_vit, images):
-    cfg = QuantConfig(**FAST, method="uniform", w_bits=12, a_bits=14, setting="integer")
+    cfg = QuantConfig(**FAST, method="uniform", w_bits=13, a_bits=15, setting="integer")
     qmodel = quantize(tiny_vit, images, cfg)
     split = [op for op in qmodel.program.ops if op.attrs.get("chunks", 1) > 1]
     assert split, "expected a layer whose worst case exceeds int32"

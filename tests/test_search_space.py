@@ -71,3 +71,23 @@ def test_space_skips_disabled_quantizers(tiny_vit, images):
     sp = SearchSpace.from_model(q, images)
     assert not any(s.kind == "ln_input" for s in sp.slots.values())
     assert torch.is_tensor(images)
+
+
+def test_v2sf_operand_matmul_counts_twice(space):
+    """A V-2SF operand is two integer matmuls (fine and coarse parts): twice its MACs."""
+    a_q, v_q = "blocks.0.attn.a_q", "blocks.0.attn.v_q"
+    assert space.slots[a_q].scheme == "v2sf" and space.slots[v_q].scheme != "v2sf"
+    (macs,) = [m for a, b, m in space.macs if (a, b) == (a_q, v_q)]
+    fc2 = [(a, b, m) for a, b, m in space.macs if b == "blocks.0.mlp.fc2.input_q"]
+    assert fc2 and space.slots[fc2[0][1]].scheme == "v2sf"
+    base, low = Candidate(), Candidate.make({a_q: 4})
+    bits = space.bits_of(base)
+    # lowering a_q from 8 to 4 bits saves exactly 2 × MACs × (8 − 4) × bits(v_q)
+    saved = space.bitops(base) - space.bitops(low)
+    assert saved == pytest.approx(2 * macs * (bits[a_q] - 4) * bits[v_q])
+    # and the whole sum: uniform operands once, V-2SF operands twice
+    expected = sum(m * (2 if "v2sf" in (space.slots[a].scheme, space.slots[b].scheme) else 1)
+                   * bits[a] * bits[b] for a, b, m in space.macs)
+    assert space.bitops(base) == pytest.approx(expected)
+    one = SearchSpace(space.base, {a_q: space.slots[a_q]}, [(a_q, "fp", 10)])
+    assert one.bitops(base) == 2 * 10 * bits[a_q] * 32

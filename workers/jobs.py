@@ -225,6 +225,8 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
               "validation_images": n_val,
               "candidates_scored_on": "validation" if n_val else "calibration",
               "layers": best.layer_report(),
+              # the integer setting: per operator its multipliers, shifts, worst-case bits
+              **({"integer": best.program.report()} if best.program is not None else {}),
               "costs": result.costs, "versions": _versions(text), "timings": timings,
               "workers": inputs.workers}
     report_path = out_dir / "report.json"

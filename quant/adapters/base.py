@@ -30,6 +30,7 @@ from ..modules import (
     QuantModule,
     UnsupportedModelError,
     first_token_input,
+    gelu_pair,
 )
 from ..quantizers import Quantizer
 
@@ -333,6 +334,7 @@ def rewrite_transformer(model: nn.Module, factory: QuantizerFactory,
                     f"Mlp with {type(m.act).__name__} activation / {type(m.norm).__name__} norm")
             m.fc1 = qlinear(m.fc1, factory, "linear_input", post_ln=True)
             m.fc2 = qlinear(m.fc2, factory, "post_gelu")
+            gelu_pair(m.fc1, m.fc2)
             return m
         return None
 

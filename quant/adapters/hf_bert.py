@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..calibrate import attach_param_quantizers, pseudo_label_loss
 from ..factory import QuantizerFactory
 from ..inputs import Inputs, check_text, is_text
-from ..modules import QSelfAttention, UnsupportedModelError
+from ..modules import QSelfAttention, UnsupportedModelError, gelu_pair
 from ..text import retrieval_logits, sentence_embeddings
 from .base import ModelAdapter, _replace_children, check_fully_rewritten, plain_twin, qlinear
 
@@ -113,6 +113,7 @@ class HFBertAdapter(ModelAdapter):
             layer.intermediate.dense = qlinear(layer.intermediate.dense, factory,
                                                "linear_input", post_ln=True)
             layer.output.dense = qlinear(layer.output.dense, factory, "post_gelu")
+            gelu_pair(layer.intermediate.dense, layer.output.dense)
         # The rest: the attention output projection, every LayerNorm, the pooler's Linear.
         _replace_children(model, lambda m: plain_twin(m, factory))
         if model.pooler is not None:  # it reads [CLS] alone: no token axis to split

@@ -1,7 +1,8 @@
 """Integer GELU whose output feeds the post-GELU quantizer (V-2SF under TSPTQ) directly.
 
 GELU(x) = x·Φ(x) is computed in its tanh form, x·σ(2·√(2/π)·(x + 0.044715·x³)), which stays
-within 5·10⁻⁴ of the exact (erf) GELU, and σ(y) = 1 / (1 + 2^(−y·log2 e)) through the same
+within 4.7·10⁻⁴ of the exact (erf) GELU (6.2·10⁻⁴ with the integer arithmetic), and
+σ(y) = 1 / (1 + 2^(−y·log2 e)) through the same
 integer ``exp2_neg`` as the Softmax, then one non-negative integer division. Chosen over
 I-BERT's i-GELU (a second-order polynomial for erf, up to 2·10⁻² from GELU) and I-ViT's
 ShiftGELU (x·σ(1.702·x), 2·10⁻² as well, then retrained away): post-GELU V-2SF's fine step at 8

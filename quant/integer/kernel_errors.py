@@ -39,7 +39,7 @@ from ..modules import QLayerNorm, sample_rows
 from .dyadic import requantize
 from .gelu import IN_BITS as GELU_BITS
 from .gelu import int_gelu
-from .layernorm import GAMMA_BITS, NORM_BITS, int_layernorm
+from .layernorm import NORM_BITS, affine_constants, eps_constant, int_layernorm
 from .lower import LOG2E
 from .softmax import PROB_BITS, int_softmax
 
@@ -145,17 +145,11 @@ def _layernorm_error(m: QLayerNorm, x: Tensor) -> Tensor:
     c = m.normalized_shape[0]
     s = _input_step(m, x)
     xi = torch.round(x / s).to(torch.int64)
-    w = torch.ones(c, dtype=torch.float64) if m.weight is None else m.weight.detach().double()
-    b = torch.zeros(c, dtype=torch.float64) if m.bias is None else m.bias.detach().double()
-    w, b = w.cpu(), b.cpu()
-    top = float(w.abs().max())
-    g = GAMMA_BITS - (math.ceil(math.log2(top)) if top > 0 else 0)
-    gamma = torch.round(w * 2.0 ** g).to(torch.int64)
-    beta = torch.round(b * 2.0 ** (NORM_BITS + g)).to(torch.int64)
-    eps = torch.tensor(round(c * c * m.eps / s ** 2), dtype=torch.int64)
-    worst = c * (2 * c * float(xi.abs().max())) ** 2
-    pre_shift = max(0, math.ceil((math.log2(max(worst, 1.0)) - 62) / 2))
-    out = int_layernorm(xi, gamma, beta, eps, pre_shift).double() * 2.0 ** -(NORM_BITS + g)
+    gamma, beta, g = affine_constants(m.weight, m.bias, c)
+    eps = eps_constant(m.eps, c, s)
+    w = None if m.weight is None else m.weight.detach().double().cpu()
+    b = None if m.bias is None else m.bias.detach().double().cpu()
+    out = int_layernorm(xi, gamma, beta, eps).double() * 2.0 ** -(NORM_BITS + g)
     ref = F.layer_norm(xi.double() * s, (c,), w, b, m.eps)
     return (out - ref).abs()
 

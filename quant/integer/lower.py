@@ -19,9 +19,9 @@ from torch import Tensor
 from ..modules import QLayerNorm, QLinear, QuantModule, UnsupportedModelError
 from ..quantizers import ChannelPow2Quantizer, Quantizer, UniformQuantizer
 from .dyadic import MAX_INPUT_BITS, Dyadic, bits_of, dyadic
-from .encoders import Encoder, encoder_for
+from .encoders import Encoder, Log2Encoder, UniformEncoder, V2SFEncoder, encoder_for
 from .gelu import IN_BITS as GELU_BITS
-from .layernorm import GAMMA_BITS, NORM_BITS
+from .layernorm import NORM_BITS, affine_constants, eps_constant
 from .matmul import INT32_MAX, chunks_for
 from .program import Op, Program
 from .softmax import PROB_BITS
@@ -76,9 +76,9 @@ class Builder:
                 "requantization by a 24-bit multiplier takes in int64; lower the bit widths")
 
     @staticmethod
-    def chunks(worst: float, k: int, where: str) -> int:
+    def chunks(chunk_bound, worst: float, k: int, where: str) -> int:
         try:
-            return chunks_for(worst, k)
+            return chunks_for(chunk_bound, k)
         except OverflowError as e:
             raise AccumulatorOverflowError(
                 f"{where}: {e} (worst case {bits_of(worst)} bits over {k} terms); lower its "
@@ -100,9 +100,11 @@ class Builder:
             tensors.update(prefixed(fenc.tensors(), "enc0"))
             if first_q is not None:
                 first = Value("", f64(fenc.step), f64(0), fenc)
+        extra_info = {k[:-2]: Dyadic.from_tensors(extra_tensors, k[:-2]).describe()
+                      for k in (extra_tensors or {}) if k.endswith(".M")}
         name = self.emit(kind, [v], {**attrs, **(extra or {})},
                          {**tensors, **(extra_tensors or {})},
-                         {"layer": where, **enc.describe()})
+                         {"layer": where, **enc.describe(), **extra_info})
         return Value(name, f64(enc.step), f64(0), enc, first)
 
     def layernorm(self, m: QLayerNorm, x: Value, where: str) -> Value:
@@ -112,22 +114,12 @@ class Builder:
                                         "LayerNorm input")
         codes = self.encode(x, m.input_q, where + ".input_q", m.first_q)
         c = m.normalized_shape[0]
-        w = torch.ones(c) if m.weight is None else m.weight.detach().cpu()
-        b = torch.zeros(c) if m.bias is None else m.bias.detach().cpu()
-        top = float(w.abs().max())
-        g = GAMMA_BITS - (math.ceil(math.log2(top)) if top > 0 else 0)
-        gamma = torch.round(f64(w) * 2.0 ** g).to(torch.int64)
-        beta = torch.round(f64(b) * 2.0 ** (NORM_BITS + g)).to(torch.int64)
+        gamma, beta, g = affine_constants(m.weight, m.bias, c)
 
         def eps_of(enc: Encoder) -> Tensor:
-            return torch.tensor(round(c * c * m.eps / float(enc.step) ** 2), dtype=torch.int64)
+            return eps_constant(m.eps, c, float(enc.step))
 
-        ob = max(float(bd.max()) for bd in codes.encoder.operand_bounds())
-        if codes.first is not None:
-            ob = max(ob, *(float(bd.max()) for bd in codes.first.encoder.operand_bounds()))
-        worst = c * (2 * c * ob) ** 2
-        pre_shift = max(0, math.ceil((math.log2(max(worst, 1.0)) - 62) / 2))
-        attrs = {"in": codes.encoder.attrs(), "pre_shift": pre_shift}
+        attrs = {"in": codes.encoder.attrs()}
         tensors = {**prefixed(codes.encoder.tensors(), "in"), "gamma": gamma, "beta": beta,
                    "eps": eps_of(codes.encoder)}
         if codes.first is not None:
@@ -136,8 +128,7 @@ class Builder:
             tensors["eps0"] = eps_of(codes.first.encoder)
         bound = math.sqrt(c) * 2.0 ** NORM_BITS * float(gamma.abs().max()) + float(beta.abs().max())
         name = self.emit("layernorm", [codes], attrs, tensors,
-                         {"layer": where, "pre_shift": pre_shift,
-                          "worst_case_bits": bits_of(bound)})
+                         {"layer": where, "output_bits": bits_of(bound)})
         return Value(name, f64(2.0 ** -(NORM_BITS + g)), f64(bound))
 
     def linear(self, m: QLinear, x: Value, where: str, codes: Value | None = None) -> Value:
@@ -158,6 +149,7 @@ class Builder:
         enc = codes.encoder
         encs = [enc] + ([codes.first.encoder] if codes.first is not None else [])
         part_bounds, total, steps = [], torch.zeros(w2.shape[0], dtype=torch.float64), []
+        part_terms: list[Tensor] = []  # per part: |W[n,k]|·max|a_k|, for the chunk bounds
         bias = None if m.bias is None else f64(m.bias.detach())
         for e in encs:
             acc_step = f64(e.step) * w_step
@@ -169,12 +161,15 @@ class Builder:
                 per_k = ob if ob.numel() > 1 else ob.expand(w2.shape[1])
                 if kind == "patch_conv" and per_k.numel() != w2.shape[1]:
                     per_k = ob.reshape(()).expand(w2.shape[1])
-                part = (w2.abs().double() * per_k).sum(1)
+                terms = w2.abs().double() * per_k
+                part_terms.append(terms)
+                part = terms.sum(1)
                 part_bounds.append(part)
                 whole = whole + part * 2.0 ** shift
             total = torch.maximum(total, whole)
         worst = float(torch.stack(part_bounds).max())
-        chunks = self.chunks(worst, w2.shape[1], where)
+        chunks = self.chunks(lambda c: max(_chunk_sums(t, c) for t in part_terms), worst,
+                             w2.shape[1], where)
         b_main = (torch.zeros_like(steps[0]) if bias is None
                   else torch.round(bias / steps[0])).to(torch.int64)
         if b_main.abs().max() > INT32_MAX:
@@ -194,12 +189,26 @@ class Builder:
             "requant_input_bits": bits_of(float(total.max()))})
         return Value(name, steps[0], total, None, first)
 
-    def matmul(self, a: Value, b: Value, k: int, where: str, transpose_b: bool) -> Value:
-        """An activation × activation matmul over a reduction axis of length ``k``."""
+    def matmul(self, a: Value, b: Value, k: int, where: str, transpose_b: bool,
+               a_row_sum: float | None = None) -> Value:
+        """An activation × activation matmul over a reduction axis of length ``k``.
+        ``a_row_sum``: a bound on Σ_k |a_k| in real units (1 for Softmax probabilities), which
+        bounds A·V far tighter than k·max|a|: each code rounds its value up by at most half a
+        step (a factor √2 for log2), so Σ_k |operand_k| ≤ a_row_sum / step + k/2 per part."""
         bb = max(float(x.max()) for x in b.encoder.operand_bounds())
         parts = [float(x.max()) * bb * k for x in a.encoder.operand_bounds()]
+        amax = [float(x.max()) for x in a.encoder.operand_bounds()]
+        sums = [float("inf")] * len(amax)
+        if a_row_sum is not None:
+            sums = [self._row_sum_bound(a.encoder, i, a_row_sum, k) for i in range(len(amax))]
+            parts = [min(p, s * bb) for p, s in zip(parts, sums, strict=True)]
         shifts = [s for _, s in a.encoder.operands(torch.zeros(1, dtype=torch.int64))]
-        chunks = self.chunks(max(parts), k, where)
+
+        def chunk_bound(c: int) -> float:
+            size = math.ceil(k / c)
+            return max(min(size * am, sm) * bb for am, sm in zip(amax, sums, strict=True))
+
+        chunks = self.chunks(chunk_bound, max(parts), k, where)
         total = sum(p * 2.0 ** s for p, s in zip(parts, shifts, strict=True))
         name = self.emit("matmul", [a, b], {"a": a.encoder.attrs(), "b": b.encoder.attrs(),
                                             "transpose_b": transpose_b, "chunks": chunks},
@@ -208,6 +217,17 @@ class Builder:
                          {"layer": where, "worst_case_bits": bits_of(max(parts)),
                           "chunks": chunks, "requant_input_bits": bits_of(total)})
         return Value(name, f64(a.encoder.step) * f64(b.encoder.step), f64(total))
+
+    @staticmethod
+    def _row_sum_bound(enc: Encoder, part: int, row_sum: float, k: int) -> float:
+        if isinstance(enc, Log2Encoder):
+            return math.sqrt(2) * row_sum / float(enc.step)
+        if isinstance(enc, V2SFEncoder):
+            step = float(enc.scale) * (2 ** int(enc.shift) if part else 1)
+            return row_sum / step + k / 2 + (int(enc.zero_point) * k if not part else 0)
+        if isinstance(enc, UniformEncoder):
+            return row_sum / float(enc.scale) + k * (0.5 + abs(int(enc.zero_point)))
+        return float("inf")
 
     def softmax(self, logits: Value, a_q: Quantizer, where: str,
                 mask: str | None = None) -> Value:
@@ -223,7 +243,7 @@ class Builder:
         enc = encoder_for(a_q, f64(2.0 ** -PROB_BITS))
         name = self.emit("softmax", [logits, mask], {"enc": enc.attrs()},
                          {**prefixed(enc.tensors(), "enc"), **exp.tensors("exp")},
-                         {"layer": where, **enc.describe()})
+                         {"layer": where, **enc.describe(), "exp": exp.describe()})
         return Value(name, f64(enc.step), f64(0), enc)
 
     def gelu(self, acc: Value, q: Quantizer, where: str,
@@ -286,6 +306,14 @@ class Builder:
     def _stream(name: str, step, first_step, bound) -> Value:
         first = None if first_step is None else Value("", f64(first_step), f64(bound))
         return Value(name, f64(step), f64(bound).reshape(-1).max().reshape(()), None, first)
+
+
+def _chunk_sums(terms: Tensor, chunks: int) -> float:
+    """The largest sum of ``terms`` (out, k) over one of ``chunks`` equal runs of k."""
+    out, k = terms.shape
+    size = math.ceil(k / chunks)
+    padded = torch.nn.functional.pad(terms, (0, size * chunks - k))
+    return float(padded.reshape(out, chunks, size).sum(-1).max())
 
 
 def prefixed(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -120,7 +120,7 @@ def window_attention(b: Builder, m: QWindowAttention, x: Value, mask: Tensor | N
     info["worst_case_bits"] = bits_of(bound)
     biased = Value(b.emit("window_bias", [logits], {}, tensors, info), logits.step, f64(bound))
     a = b.softmax(biased, m.a_q, where + ".softmax")
-    av = b.matmul(a, vh, m.window_area, where + ".av", transpose_b=False)
+    av = b.matmul(a, vh, m.window_area, where + ".av", transpose_b=False, a_row_sum=1.0)
     merged = _same(av, b.emit("merge_heads", [av]))
     return b.linear(m.proj, merged, where + ".proj")
 

@@ -61,7 +61,7 @@ def attention_core(b: Builder, m: QAttention, x: Value, where: str, tokens: int,
     qh, kh, vh = heads
     logits = b.matmul(qh, kh, c // m.num_heads, where + ".qk", transpose_b=True)
     a = b.softmax(logits, m.a_q, where + ".softmax", mask)
-    av = b.matmul(a, vh, tokens, where + ".av", transpose_b=False)
+    av = b.matmul(a, vh, tokens, where + ".av", transpose_b=False, a_row_sum=1.0)
     return Value(b.emit("merge_heads", [av]), av.step, av.bound)
 
 

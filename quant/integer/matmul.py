@@ -11,6 +11,7 @@ never wraps silently.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,14 +19,16 @@ from torch import Tensor
 INT32_MAX = (1 << 31) - 1
 
 
-def chunks_for(bound_of_k: float, k: int) -> int:
-    """Fewest equal chunks of the reduction axis (length k) whose worst case fits int32, given
-    the worst case of the whole axis (``bound_of_k``, proportional to k: a safe estimate)."""
-    chunks = max(1, math.ceil(bound_of_k / INT32_MAX))
-    while chunks < k and bound_of_k * math.ceil(k / chunks) / k > INT32_MAX:
+def chunks_for(chunk_bound: Callable[[int], float], k: int) -> int:
+    """Fewest equal chunks of the reduction axis (length k) whose accumulators all fit int32;
+    ``chunk_bound(chunks)`` is the worst case of any one chunk when the axis is cut in that many
+    (ceil(k / chunks) terms each, the last one shorter)."""
+    chunks = max(1, min(k, math.ceil(chunk_bound(1) / INT32_MAX)))
+    while chunk_bound(chunks) > INT32_MAX:
+        if chunks >= k:
+            raise OverflowError("a single product exceeds int32: operands too wide for int32 "
+                                "MACs")
         chunks += 1
-    if bound_of_k * math.ceil(k / chunks) / k > INT32_MAX:
-        raise OverflowError("a single product exceeds int32: operands too wide for int32 MACs")
     return chunks
 
 

@@ -112,8 +112,7 @@ def _layernorm(op: Op, codes: Tensor) -> Tensor:
     if "eps0" in op.tensors and x.dim() >= 3 and x.shape[1] > 1:
         eps = torch.cat([op.tensors["eps0"].expand(1), eps.expand(x.shape[1] - 1)]).reshape(
             1, -1, 1)
-    return int_layernorm(x, op.tensors["gamma"], op.tensors["beta"], eps,
-                         op.attrs.get("pre_shift", 0))
+    return int_layernorm(x, op.tensors["gamma"], op.tensors["beta"], eps)
 
 
 def _softmax(op: Op, logits: Tensor, *mask: Tensor) -> Tensor:
