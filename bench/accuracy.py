@@ -188,12 +188,17 @@ def deit_calibration_seconds(device: str) -> list[dict]:
     images = torch.randn(32, 3, 224, 224)
     out = []
     for method in METHODS:
-        start = time.perf_counter()
-        quantize(model, images, QuantConfig(method=method))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        seconds = {}
+        for setting in ("full", "integer"):  # side by side: the integer one's cost as a ratio
+            start = time.perf_counter()
+            quantize(model, images, QuantConfig(method=method, setting=setting))
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds[setting] = time.perf_counter() - start
         out.append({"model": "deit_tiny_patch16_224", "method": method,
-                    "calib_s": round(time.perf_counter() - start, 1)})
+                    "calib_s": round(seconds["full"], 1),
+                    "integer_calib_s": round(seconds["integer"], 1),
+                    "integer_ratio": round(seconds["integer"] / seconds["full"], 2)})
     return out
 
 
@@ -345,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     deit = [] if args.skip_deit else deit_calibration_seconds(args.device)
     if deit:
         print("\n## Calibration seconds, deit_tiny_patch16_224 (random weights), 32 images, "
-              f"224x224, W8A8 full, on {args.device} (one CPU thread)\n")
-        print(table(deit, ["model", "method", "calib_s"]))
+              f"224x224, W8A8, full and integer, on {args.device} (one CPU thread)\n")
+        print(table(deit, ["model", "method", "calib_s", "integer_calib_s", "integer_ratio"]))
     full_grid = set(args.methods) == set(METHODS) and set(widths) == set(WIDTHS)
     checks = []
     if args.data is None and full_grid and "full" in args.settings:
@@ -356,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(("tsptq W8A8 calibration <= 30 s (one thread)", t88["calib_s"] <= 30))
     if args.data is None:
         checks += check_integer_targets(rows)
+    if deit:
+        t = next(r for r in deit if r["method"] == "tsptq")
+        checks.append(("tsptq integer calibration <= 2x full (deit_tiny, 224x224, side by side)",
+                       t["integer_ratio"] <= 2.0))
     if checks:
         print_targets(checks)
     if args.json:

@@ -67,3 +67,25 @@ def quantized(models, images):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def service(tmp_path):
+    """An API client and a dispatcher on a fresh SQLite store, with a local Ray (two CPUs)."""
+    import ray
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from service.db import upgrade
+    from service.dispatcher import Dispatcher
+    from service.settings import Settings
+    from service.store import Store
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    settings = Settings(database_url=url, data_dir=tmp_path, ray_workers=2)
+    store = Store.from_url(url)
+    yield TestClient(create_app(settings, store)), Dispatcher(store, settings, worker_id="t")
+    store.engine.dispose()

@@ -6,16 +6,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import ray
-from fastapi.testclient import TestClient
-
-from api.app import create_app
-from service.db import upgrade
-from service.dispatcher import Dispatcher
 from service.jobspec import JobSpec
-from service.settings import Settings
-from service.store import Store
 
 # Small and quick (as the dispatcher's tests): 8 calibration, 32 validation, 90 test images, two
 # candidates, no plots.
@@ -26,16 +17,6 @@ JOB = {"model": "digits_vit", "quant": {"setting": "integer"},
 ACCUMULATING = ("matmul", "linear", "patch_conv")
 
 
-@pytest.fixture
-def service(tmp_path):
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade(url)
-    settings = Settings(database_url=url, data_dir=tmp_path, ray_workers=2)
-    store = Store.from_url(url)
-    yield TestClient(create_app(settings, store)), Dispatcher(store, settings, worker_id="t")
-    store.engine.dispose()
 
 
 def test_jobspec_accepts_the_integer_setting():

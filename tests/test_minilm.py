@@ -287,3 +287,24 @@ def test_a_pooler_keeps_one_input_quantizer(tmp_path):
     again = load_quantized(save_quantized(q, tmp_path / "pooled.safetensors"))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).pooler_output, q(input_ids=ids).pooler_output)
+
+
+def test_integer_setting_on_real_texts(minilm, data, tmp_path):
+    """MiniLM as an integer program: close to FP32 on real texts (padded batches included),
+    and the engine runs the saved checkpoint bit-identically with integer tensors only."""
+    from quant.integer import IntegerEngine
+
+    qmodel = quantize(minilm, data.calib, QuantConfig(**FAST, calib_size=N_CALIB,
+                                                      setting="integer"))
+    fp = embeddings_of(minilm, data.x_test)
+    res = compare_embeddings(fp, embeddings_of(qmodel, data.x_test))
+    assert res.cosine > 0.99
+    path = save_quantized(qmodel, tmp_path / "int.safetensors")
+    engine = IntegerEngine.load(path)
+    batch = data.x_test  # one padded batch: the attention mask is an input of the program
+    assert torch.equal(engine(batch), qmodel(batch))
+    assert torch.equal(load_quantized(path)(batch), qmodel(batch))
+    kinds = [op.kind for op, out in engine.trace(batch)
+             if op.kind != "dequantize" and not out.is_floating_point()]
+    assert {"embed", "key_mask", "layernorm", "softmax", "gelu", "residual"} <= set(kinds)
+    assert len(kinds) == len(engine.program.ops) - 1  # every op but the last is integer

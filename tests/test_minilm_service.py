@@ -8,17 +8,10 @@ import hashlib
 import json
 
 import pytest
-import ray
-from fastapi.testclient import TestClient
 
-from api.app import create_app
 from quant import load_quantized
 from quant.zoo.models import load_model
 from quant.zoo.text import evaluate_text, text_data
-from service.db import upgrade
-from service.dispatcher import Dispatcher
-from service.settings import Settings
-from service.store import Store
 
 pytest.importorskip("transformers")
 
@@ -26,16 +19,6 @@ JOB = {"model": "minilm", "data": {"calib_size": 4, "val_size": 8, "test_limit":
        "search": {"strategy": "thresholds", "max_candidates": 3}}
 
 
-@pytest.fixture
-def service(tmp_path):
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade(url)
-    settings = Settings(database_url=url, data_dir=tmp_path, ray_workers=2)
-    store = Store.from_url(url)
-    yield TestClient(create_app(settings, store)), Dispatcher(store, settings, worker_id="t")
-    store.engine.dispose()
 
 
 def test_minilm_job_end_to_end(service, tmp_path):

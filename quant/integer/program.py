@@ -265,6 +265,8 @@ class Program:
 
     def run(self, *args: Tensor, trace: Callable[[Op, Tensor], None] | None = None,
             **kwargs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
+            args, kwargs = (), dict(args[0])  # a text batch, as its tokenizer returned it
         env = dict(zip(self.inputs, args, strict=False))
         env.update(kwargs)
         for op in self.ops:
@@ -281,8 +283,6 @@ class Program:
 
     def forward(self, *args, **kwargs):
         """The model's own calling convention: an image batch, or a text batch (a mapping)."""
-        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
-            kwargs, args = dict(args[0]), ()
         return self.run(*args, **kwargs)
 
     def to_state(self) -> tuple[dict, dict[str, Tensor]]:
