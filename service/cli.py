@@ -6,6 +6,7 @@
     tsptq db upgrade|downgrade      Alembic migrations of TSPTQ_DATABASE_URL (or SQLite)
     tsptq submit|status|cancel|download|gate   clients of a running service (TSPTQ_URL)
     tsptq quantize                  the library alone, no service
+    tsptq export CKPT --format onnx --out FILE   an integer checkpoint's program as ONNX
 
 ``quantize`` loads the model (the bundled digits ViT by default), calibrates every method at
 every width with a progress bar, prints the accuracy table, saves the first method's checkpoint
@@ -83,6 +84,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"\nsaved {out} ({out.stat().st_size / 1024:.0f} KiB); "
           f"reloaded model reproduces the calibrated one exactly: {same}")
     return 0 if same else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The checkpoint's integer program as an ONNX model (bit-identical in ONNX Runtime)."""
+    try:
+        from export import export_onnx
+    except ImportError as e:  # onnx is a dependency; a broken environment still gets a message
+        print(f"tsptq: ONNX export needs the onnx package: {e}", file=sys.stderr)
+        return 1
+    out = args.out or args.checkpoint.with_suffix(".onnx")
+    try:
+        path = export_onnx(args.checkpoint, out)
+    except (ValueError, OSError) as e:  # CheckpointError, ExportError: a clear message, no trace
+        print(f"tsptq: export failed: {e}", file=sys.stderr)
+        return 1
+    print(f"tsptq: wrote {path} ({path.stat().st_size / 1024:.0f} KiB, {args.format})")
+    return 0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -194,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--setting", default="full", choices=("full", "partial", "integer"))
     q.add_argument("--out", help="checkpoint path of the first method at the first width")
     q.set_defaults(func=cmd_quantize)
+
+    ex = sub.add_parser("export", help="export an integer-setting checkpoint's program (ONNX: "
+                        "bit-identical to the integer engine in ONNX Runtime)")
+    ex.add_argument("checkpoint", type=Path, help="a checkpoint saved with setting='integer'")
+    ex.add_argument("--format", default="onnx", choices=("onnx",))
+    ex.add_argument("--out", type=Path, help="output file (default: the checkpoint's path with "
+                                             ".onnx)")
+    ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="the API, a dispatcher and a local Ray (the embedded "
                         "default: SQLite under TSPTQ_DATA_DIR)")
