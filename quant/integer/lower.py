@@ -167,9 +167,12 @@ class Builder:
                 part_bounds.append(part)
                 whole = whole + part * 2.0 ** shift
             total = torch.maximum(total, whole)
-        worst = float(torch.stack(part_bounds).max())
-        chunks = self.chunks(lambda c: max(_chunk_sums(t, c) for t in part_terms), worst,
-                             w2.shape[1], where)
+        # the bias starts the accumulator (int32 on a device), so it counts in its worst case
+        b_top = 0.0 if bias is None else max(float(torch.round(bias / st).abs().max())
+                                             for st in steps)
+        worst = float(torch.stack(part_bounds).max()) + b_top
+        chunks = self.chunks(lambda c: max(_chunk_sums(t, c) for t in part_terms) + b_top,
+                             worst, w2.shape[1], where)
         b_main = (torch.zeros_like(steps[0]) if bias is None
                   else torch.round(bias / steps[0])).to(torch.int64)
         if b_main.abs().max() > INT32_MAX:
