@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from service.models import ARTIFACT_KINDS, JOB_STATUSES, Artifact, Candidate, Job, UploadedModel
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-ArtifactKind = Literal["checkpoint", "report", "plot"]
+ArtifactKind = Literal["checkpoint", "report", "plot", "onnx"]
 # The literals above are what the OpenAPI schema shows: keep them equal to the database's.
 assert get_args(JobStatus) == JOB_STATUSES, "JobStatus out of step with service.models"
 assert get_args(ArtifactKind) == ARTIFACT_KINDS, "ArtifactKind out of step with service.models"

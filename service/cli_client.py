@@ -3,10 +3,10 @@
     tsptq submit [spec flags] [--spec FILE.json] [--wait]      queue a job, print its id
     tsptq status [JOB_ID] [--json]                             one job, or the recent ones
     tsptq cancel JOB_ID                                        cancel a queued/running job
-    tsptq download JOB_ID [--kind checkpoint|report|plot|all] [--out DIR]
+    tsptq download JOB_ID [--kind checkpoint|report|plot|onnx|all] [--out DIR]
     tsptq gate (--job JOB_ID | [spec flags] [--spec FILE]) --max-drop PTS
-               [--baseline FILE] [--max-regression PTS] [--json-out PATH] [--junit PATH]
-               [--summary PATH]
+               [--artifact simulator|onnx] [--baseline FILE] [--max-regression PTS]
+               [--json-out PATH] [--junit PATH] [--summary PATH]
 
 Spec flags: --model, --weights (pretrained, random, model:{id}, or a local .safetensors file,
 uploaded first), --data, --method, --setting, --w-bits, --a-bits, --strategy, --budget-bits,
@@ -18,7 +18,8 @@ Every command takes ``--url`` (default ``$TSPTQ_URL`` or http://127.0.0.1:8000) 
 Exit codes: 0 success; 1 a negative outcome (``submit --wait``: the job failed or was
 cancelled; ``cancel``: the job had already finished; ``gate``: a regression); 2 a usage or
 service error (bad flags or files, service unreachable, unknown job, ``gate`` on a job that
-failed or was cancelled); 130 interrupted (the job goes on running on the service).
+failed or was cancelled, ``gate --artifact onnx`` on a job without an ONNX model); 130
+interrupted (the job goes on running on the service).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pydantic import ValidationError
 
 from service.client import FINISHED, ServiceClient, ServiceError
 from service.gate import (
+    ARTIFACTS,
     GateError,
     GateInput,
     baseline_top1,
@@ -48,7 +50,7 @@ from service.gate import (
 from service.jobspec import MODEL_REF, JobSpec, QuantSpec, SearchSpec
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-ARTIFACT_KINDS = ("checkpoint", "report", "plot")
+ARTIFACT_KINDS = ("checkpoint", "report", "plot", "onnx")
 
 
 class UsageError(Exception):
@@ -446,7 +448,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         report = evaluate(GateInput(result=job.get("result") or {}, baseline=baseline,
                                     max_drop=args.max_drop,
                                     max_regression=args.max_regression, job_id=job_id,
-                                    request=job.get("request")))
+                                    request=job.get("request"), artifact=args.artifact))
     except (ServiceError, GateError) as e:
         _write_error(args, str(e), job_id)
         raise
@@ -485,13 +487,17 @@ bar on stderr), then print its status and result: exit 0 if it succeeded,
 GATE_HELP = """\
 Judge a job (--job), or submit one from the spec flags and wait for it; then
 compare its top-1 with FP32 (--max-drop) and with a baseline (--baseline,
---max-regression), both in percentage points.
+--max-regression), both in percentage points. --artifact onnx judges the
+accuracy of what is deployed: the job's ONNX model as measured in ONNX
+Runtime (integer-setting jobs only); the default, simulator, judges the
+simulated model's.
 
 exit codes:
   0  passed
   1  a regression beyond an allowed limit
   2  usage or service error (service unreachable, unknown job, job failed or
-     cancelled, unreadable files)
+     cancelled, unreadable files, --artifact onnx on a job without an ONNX
+     model)
 
 The markdown summary goes to stdout, --summary and $GITHUB_STEP_SUMMARY.
 --json-out writes the report; that file is what --baseline reads, so an
@@ -541,6 +547,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--job", metavar="JOB_ID", help="judge this job (waits if unfinished)")
     p.add_argument("--max-drop", type=float, required=True, metavar="PTS",
                    help="allowed top-1 drop vs FP32, percentage points (e.g. 0.5)")
+    p.add_argument("--artifact", choices=ARTIFACTS, default="simulator",
+                   help="whose accuracy: the simulated model's (default) or the deployed ONNX "
+                        "model's, as measured in ONNX Runtime")
     p.add_argument("--baseline", type=Path, metavar="FILE",
                    help="an earlier --json-out report (or a job result) to compare with")
     p.add_argument("--max-regression", type=float, default=0.5, metavar="PTS",

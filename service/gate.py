@@ -9,6 +9,11 @@ points of top-1 accuracy:
 * ``regression_vs_baseline`` (only with a baseline): ``(baseline top1 - top1) * 100 <=
   max_regression``.
 
+``artifact`` says whose accuracy is judged: ``"simulator"`` (the default) the job's ``result``
+itself, the quantized model as simulated in PyTorch; ``"onnx"`` its ``result["onnx"]``, the
+integer-setting job's ONNX model as measured in ONNX Runtime on the same test split, i.e. what
+is deployed (``select_result``; a job without one cannot be judged: ``GateError``, exit 2).
+
 A gain never fails a check. The ``GateReport`` renders as markdown (the CI summary), as JSON
 and as JUnit XML (one testcase per check, a ``<failure>`` for each failed one).
 
@@ -21,7 +26,8 @@ the output of an accepted run can be committed as the next run's baseline::
       "job_id": "3f2a...",
       "request": {"model": "digits_vit", ...},          # the job's request, if known
       "max_drop": 0.5, "max_regression": 0.5,
-      "result": {"top1": 0.9806, "fp32_top1": 0.9861, ...},   # the job's result, as is
+      "artifact": "simulator",                          # or "onnx"
+      "result": {"top1": 0.9806, "fp32_top1": 0.9861, ...},   # the judged result, as is
       "baseline": {"top1": 0.9833, "job_id": "..."} | null,  # what this run was compared with
       "checks": [{"name": "drop_vs_fp32", "value": 0.55, "limit": 0.5, "passed": false,
                   "message": "..."}, ...],
@@ -41,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMAT = "tsptq-gate/1"
+ARTIFACTS = ("simulator", "onnx")
 # Float slack on the comparisons: a drop of exactly the limit passes, whatever the rounding.
 EPS = 1e-9
 
@@ -69,6 +76,7 @@ class GateInput:
     max_regression: float = 0.5
     job_id: str | None = None
     request: dict[str, Any] | None = None
+    artifact: str = "simulator"
 
 
 @dataclass
@@ -82,6 +90,7 @@ class GateReport:
     max_drop: float = 0.5
     max_regression: float = 0.5
     notes: list[str] = field(default_factory=list)
+    artifact: str = "simulator"
 
     @property
     def failures(self) -> list[Check]:
@@ -90,7 +99,8 @@ class GateReport:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "passed": self.passed, "job_id": self.job_id,
                 "request": self.request, "max_drop": self.max_drop,
-                "max_regression": self.max_regression, "result": self.result,
+                "max_regression": self.max_regression, "artifact": self.artifact,
+                "result": self.result,
                 "baseline": self.baseline, "checks": [asdict(c) for c in self.checks],
                 "notes": list(self.notes)}
 
@@ -103,6 +113,7 @@ class GateReport:
         what = [f"job `{self.job_id}`"] if self.job_id else []
         if self.request:
             what.append(describe_request(self.request))
+        what.append(_ARTIFACT_TITLES.get(self.artifact, self.artifact))
         if what:
             lines += [" · ".join(what), ""]
         lines += ["| check | value | limit | result |", "| --- | --- | --- | --- |"]
@@ -118,7 +129,8 @@ class GateReport:
     def to_junit_xml(self) -> str:
         root, suite = _suite(len(self.checks), len(self.failures), 0)
         props = ET.SubElement(suite, "properties")
-        for name, value in (("job_id", self.job_id), ("max_drop", self.max_drop),
+        for name, value in (("job_id", self.job_id), ("artifact", self.artifact),
+                            ("max_drop", self.max_drop),
                             ("max_regression", self.max_regression),
                             ("top1", self.result.get("top1")),
                             ("fp32_top1", self.result.get("fp32_top1"))):
@@ -135,6 +147,8 @@ class GateReport:
         return _xml(root)
 
 
+_ARTIFACT_TITLES = {"simulator": "accuracy of the simulated model (PyTorch)",
+                    "onnx": "accuracy of the deployed ONNX model (ONNX Runtime)"}
 _CHECK_TITLES = {"drop_vs_fp32": "top-1 drop vs FP32",
                  "regression_vs_baseline": "top-1 regression vs baseline"}
 
@@ -178,12 +192,32 @@ def baseline_top1(baseline: dict[str, Any]) -> float:
     return _fraction(baseline, "top1", "the baseline")
 
 
+def select_result(result: dict[str, Any], artifact: str = "simulator") -> dict[str, Any]:
+    """The metrics the gate judges for ``artifact``: the job's result (``"simulator"``) or its
+    ONNX Runtime metrics ``result["onnx"]`` (``"onnx"``); ``GateError`` when the job has none,
+    with the job's own reason when it gave one (a job of another setting than "integer")."""
+    if artifact not in ARTIFACTS:
+        raise GateError(f"unknown artifact {artifact!r}; choose from {ARTIFACTS}")
+    if artifact == "simulator":
+        return result
+    onnx = result.get("onnx") if isinstance(result, dict) else None
+    if not isinstance(onnx, dict):
+        raise GateError("the job has no ONNX Runtime accuracy (result.onnx): it was run before "
+                        "jobs measured their ONNX model; rerun it in the integer setting")
+    if onnx.get("available") is False:
+        raise GateError(f"the job has no ONNX model to judge: "
+                        f"{onnx.get('reason') or 'no reason given'}")
+    return onnx
+
+
 def evaluate(inp: GateInput) -> GateReport:
     """Judge ``inp``; ``GateError`` if it cannot be judged (see the module docstring)."""
     max_drop = _limit(inp.max_drop, "max_drop")
     max_regression = _limit(inp.max_regression, "max_regression")
-    top1 = _fraction(inp.result, "top1", "the job's result")
-    fp32 = _fraction(inp.result, "fp32_top1", "the job's result")
+    result = select_result(inp.result, inp.artifact)
+    what = "the job's result" if inp.artifact == "simulator" else "the job's ONNX result"
+    top1 = _fraction(result, "top1", what)
+    fp32 = _fraction(result, "fp32_top1", what)
     checks = []
     drop = (fp32 - top1) * 100
     ok = drop <= max_drop + EPS
@@ -211,8 +245,9 @@ def evaluate(inp: GateInput) -> GateReport:
     else:
         notes.append("no baseline given: only the drop vs FP32 was checked")
     return GateReport(passed=all(c.passed for c in checks), checks=checks, job_id=inp.job_id,
-                      request=inp.request, result=dict(inp.result), baseline=baseline_info,
-                      max_drop=max_drop, max_regression=max_regression, notes=notes)
+                      request=inp.request, result=dict(result), baseline=baseline_info,
+                      max_drop=max_drop, max_regression=max_regression, notes=notes,
+                      artifact=inp.artifact)
 
 
 def _change(points_lost: float) -> str:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-ARTIFACT_KINDS = ("checkpoint", "report", "plot")
+ARTIFACT_KINDS = ("checkpoint", "report", "plot", "onnx")
 
 # Deterministic constraint names: Alembic's batch mode on SQLite can only alter what it can name.
 NAMING_CONVENTION = {

@@ -35,6 +35,12 @@ from service.store import Store
 PASSING = {"top1": 0.984, "fp32_top1": 0.986, "agreement": 0.99, "kl": 1e-3,
            "size_bytes": 120_000, "fp32_size_bytes": 450_000}
 FAILING = {**PASSING, "top1": 0.97}  # 1.6 points below FP32
+# an integer-setting job whose deployed ONNX model measures 1.6 points below FP32 in ONNX Runtime
+# (made up for the gate: a real one is bit-identical to the simulator, tests/test_integer_service)
+WITH_ONNX = {**PASSING, "onnx": {**FAILING, "available": True,
+                                 "bit_identical_to_engine": False}}
+NO_ONNX = {**PASSING, "onnx": {"available": False, "reason": "only the integer setting makes "
+                                                             "an ONNX model; this is 'full'"}}
 
 
 def run(*argv: str | Path) -> int:
@@ -115,6 +121,23 @@ def test_gate_refuses_what_it_cannot_judge(result, baseline):
         evaluate(GateInput(result, baseline=baseline, max_drop=0.5))
 
 
+def test_gate_judges_the_onnx_model_when_asked():
+    assert evaluate(GateInput(WITH_ONNX, max_drop=0.5)).passed  # the simulator's 98.4%
+    report = evaluate(GateInput(WITH_ONNX, max_drop=0.5, artifact="onnx"))
+    assert not report.passed and report.failures[0].value == pytest.approx(1.6)
+    assert report.result == WITH_ONNX["onnx"] and report.to_dict()["artifact"] == "onnx"
+    assert "deployed ONNX model (ONNX Runtime)" in report.to_markdown()
+    props = {p.get("name"): p.get("value")
+             for p in ET.fromstring(report.to_junit_xml()).iter("property")}
+    assert props["artifact"] == "onnx" and props["top1"] == "0.97"
+    with pytest.raises(GateError, match="no ONNX Runtime accuracy"):
+        evaluate(GateInput(PASSING, max_drop=0.5, artifact="onnx"))  # an older job
+    with pytest.raises(GateError, match="only the integer setting makes an ONNX model"):
+        evaluate(GateInput(NO_ONNX, max_drop=0.5, artifact="onnx"))
+    with pytest.raises(GateError, match="unknown artifact"):
+        evaluate(GateInput(PASSING, max_drop=0.5, artifact="tflite"))
+
+
 def test_gate_refuses_bad_limits():
     with pytest.raises(GateError, match="max_drop"):
         evaluate(GateInput(PASSING, max_drop=-1))
@@ -185,8 +208,9 @@ def checkpoint_file(tmp: Path) -> Path:
 
 
 def finished_job(svc: Service, result: dict | None = None, *, status: str = "succeeded",
-                 request: dict | None = None) -> str:
-    """A job taken through the store to ``status`` (with a checkpoint and a report)."""
+                 request: dict | None = None, onnx: bool = False) -> str:
+    """A job taken through the store to ``status`` (with a checkpoint and a report, and with
+    ``onnx`` an ONNX model)."""
     job = svc.store.create_job(request or JobSpec().model_dump(mode="json"))
     claimed = svc.store.claim_next("test-worker")
     assert claimed is not None and claimed.id == job.id
@@ -196,6 +220,9 @@ def finished_job(svc: Service, result: dict | None = None, *, status: str = "suc
                                "application/octet-stream", checkpoint_file(svc.tmp))
         svc.store.add_artifact(job.id, "report", "report.json", "application/json",
                                json.dumps({"result": result}).encode())
+        if onnx:
+            svc.store.add_artifact(job.id, "onnx", "digits_vit_w8a8.onnx",
+                                   "application/octet-stream", b"not really onnx")
         assert svc.store.finish(job.id, result or PASSING, {"total_s": 1.5})
     elif status == "failed":
         assert svc.store.fail(job.id, "calibration diverged")
@@ -454,6 +481,19 @@ def test_download_command(service, capsys, tmp_path, monkeypatch):
     assert "no plot artifact" in capsys.readouterr().err
 
 
+def test_download_onnx(service, capsys, tmp_path):
+    job_id = finished_job(service, WITH_ONNX, onnx=True)
+    assert run("download", job_id, "--kind", "onnx", "--out", tmp_path, "--url",
+               service.url) == 0
+    sha, path = capsys.readouterr().out.strip().split("  ")
+    assert Path(path).name == "digits_vit_w8a8.onnx"
+    assert Path(path).read_bytes() == b"not really onnx"
+    assert hashlib.sha256(b"not really onnx").hexdigest() == sha
+    other = finished_job(service, NO_ONNX)
+    assert run("download", other, "--kind", "onnx", "--url", service.url) == 2
+    assert "no onnx artifact (it has: checkpoint, report)" in capsys.readouterr().err
+
+
 def test_download_command_refuses_a_corrupt_download(service, capsys, tmp_path, monkeypatch):
     job_id = finished_job(service, PASSING)
     real = ServiceClient.artifacts
@@ -570,6 +610,33 @@ def test_gate_unfinished_job_is_an_error(service, capsys, tmp_path, status):
     assert not json_out.exists()  # an error never becomes a baseline
     error = ET.parse(junit).getroot().find("testsuite/testcase/error")
     assert status in error.get("message")
+
+
+def test_gate_artifact_onnx(service, capsys, tmp_path):
+    job_id = finished_job(service, WITH_ONNX, onnx=True)
+    assert run("gate", "--url", service.url, "--job", job_id, "--max-drop", "0.5") == 0
+    capsys.readouterr()
+    out = tmp_path / "onnx.json"
+    assert run("gate", "--url", service.url, "--job", job_id, "--max-drop", "0.5",
+               "--artifact", "onnx", "--json-out", out) == 1
+    md = capsys.readouterr().out
+    assert "| top-1 drop vs FP32 | 1.60 pts | ≤ 0.50 pts | ❌ FAIL |" in md
+    assert "deployed ONNX model" in md
+    report = json.loads(out.read_text())
+    assert report["artifact"] == "onnx" and report["result"]["top1"] == 0.97
+    # a job of another setting has no ONNX model: the gate cannot judge it, and says why
+    other = finished_job(service, NO_ONNX)
+    junit, json_out = tmp_path / "junit.xml", tmp_path / "none.json"
+    assert run("gate", "--url", service.url, "--job", other, "--max-drop", "0.5",
+               "--artifact", "onnx", "--junit", junit, "--json-out", json_out) == 2
+    err = capsys.readouterr().err
+    assert "no ONNX model to judge" in err and "this is 'full'" in err
+    assert ET.parse(junit).getroot().find("testsuite").get("errors") == "1"
+    assert not json_out.exists()
+    with pytest.raises(SystemExit) as e:  # argparse: not a choice
+        run("gate", "--url", service.url, "--job", other, "--max-drop", "0.5",
+            "--artifact", "tflite")
+    assert e.value.code == 2
 
 
 def test_gate_result_without_accuracy_is_an_error(service, capsys):

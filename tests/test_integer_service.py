@@ -1,11 +1,19 @@
 """The integer setting through the service: ``POST /jobs {"quant": {"setting": "integer"}}`` is
 accepted unchanged, a dispatcher runs a tiny search of the digits ViT on Ray, and report.json
-lists the integer program per layer (multipliers, shifts, worst-case accumulator bits)."""
+lists the integer program per layer (multipliers, shifts, worst-case accumulator bits); the job
+stores its ONNX model (artifact kind ``onnx``), which ONNX Runtime runs bit-identically to the
+integer engine, with its ONNX Runtime accuracy in the result beside the simulator's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import numpy as np
+import onnxruntime as ort
+
+from quant.integer import IntegerEngine
+from quant.zoo.data import digits_data
 from service.jobspec import JobSpec
 
 # Small and quick (as the dispatcher's tests): 8 calibration, 32 validation, 90 test images, two
@@ -15,8 +23,6 @@ JOB = {"model": "digits_vit", "quant": {"setting": "integer"},
        "search": {"strategy": "thresholds", "max_candidates": 2},
        "artifacts": {"plots": False}}
 ACCUMULATING = ("matmul", "linear", "patch_conv")
-
-
 
 
 def test_jobspec_accepts_the_integer_setting():
@@ -58,6 +64,60 @@ def test_integer_job_reports_its_program(service):
     assert encodes and all({"multiplier", "shift"} <= set(row["rescale"]) for row in encodes)
     softmax = [row for row in rows if row["op"] == "softmax"]
     assert softmax and all(row["scheme"] == "v2sf" for row in softmax)  # TSPTQ's post-Softmax
+    assert job["progress"]["stage"] == "artifacts"
+
+    # the deployable model: its ONNX file, measured in ONNX Runtime on the same 90 test images
+    onnx = job["result"]["onnx"]
+    assert onnx["available"] is True and onnx["bit_identical_to_engine"] is True
+    for key in ("top1", "fp32_top1", "agreement", "kl"):  # bit-identical logits: equal metrics
+        assert onnx[key] == job["result"][key], key
+    assert onnx["runtime"].startswith("onnxruntime ")
+
+
+def _download(client, artifact, path):
+    r = client.get(f"/artifacts/{artifact['id']}")
+    assert r.status_code == 200
+    assert hashlib.sha256(r.content).hexdigest() == artifact["sha256"] == (
+        r.headers["x-content-sha256"])
+    assert len(r.content) == artifact["size"]
+    path.write_bytes(r.content)
+    return path
+
+
+def test_integer_job_stores_its_onnx_model(service, tmp_path, monkeypatch):
+    client, dispatcher = service
+    stages = []
+    set_progress = dispatcher.store.set_progress
+
+    def spy(job_id, done, total, stage):
+        stages.append(stage)
+        return set_progress(job_id, done, total, stage)
+
+    monkeypatch.setattr(dispatcher.store, "set_progress", spy)
+    job_id = client.post("/jobs", json={**JOB, "search": {"strategy": "none"}}).json()["id"]
+    assert dispatcher.run_once() == job_id
+    # the ONNX export and its measurement are a stage of their own, before the last artifacts
+    assert "onnx" in stages and stages.index("onnx") > stages.index("search")
+    assert stages[-1] == "artifacts"
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job.get("error")
+    arts = client.get(f"/jobs/{job_id}/artifacts").json()
+    by_kind = {a["kind"]: a for a in arts}
+    assert {"checkpoint", "report", "onnx"} <= set(by_kind)
+    assert by_kind["onnx"]["name"] == "digits_vit_tsptq_w8a8.onnx"
+    assert by_kind["onnx"]["size"] == job["result"]["onnx"]["size_bytes"]
+    onnx_path = _download(client, by_kind["onnx"], tmp_path / "model.onnx")
+    ckpt = _download(client, by_kind["checkpoint"], tmp_path / "model.safetensors")
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    images = digits_data().x_test[:8]
+    (logits,) = session.run(None, {"images": images.numpy()})
+    ref = IntegerEngine.load(ckpt)(images).numpy()
+    assert logits.dtype == np.float32 and logits.shape == (8, 10)
+    assert np.array_equal(logits, ref)
+    onnx = job["result"]["onnx"]
+    assert onnx["bit_identical_to_engine"] is True
+    assert onnx["top1"] == job["result"]["top1"] and onnx["agreement"] == job["result"]["agreement"]
 
 
 def test_full_setting_has_no_integer_report(service):
@@ -65,5 +125,12 @@ def test_full_setting_has_no_integer_report(service):
     job = {**JOB, "quant": {"setting": "full"}, "search": {"strategy": "none"}}
     job_id = client.post("/jobs", json=job).json()["id"]
     assert dispatcher.run_once() == job_id
-    assert client.get(f"/jobs/{job_id}").json()["status"] == "succeeded"
+    done = client.get(f"/jobs/{job_id}").json()
+    assert done["status"] == "succeeded"
     assert "integer" not in _report(client, job_id)
+    # no integer program, so no ONNX model: the result says why
+    kinds = {a["kind"] for a in client.get(f"/jobs/{job_id}/artifacts").json()}
+    assert "onnx" not in kinds
+    onnx = done["result"]["onnx"]
+    assert onnx["available"] is False and "'full'" in onnx["reason"]
+    assert "integer" in onnx["reason"]

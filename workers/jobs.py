@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from export import export_onnx
 from quant import Calibrator, QuantConfig, save_quantized
 from quant.evaluate import compare, logits_of
 from quant.inputs import count, is_text
+from quant.text import compare_embeddings, embeddings_of
 from quant.zoo.data import EvalData, digits_data, image_folder_data
 from quant.zoo.models import TEXT_MODELS, load_model
-from quant.zoo.text import TextData, evaluate_text, text_data
+from quant.zoo.text import TextData, text_data
 from search.objective import Objective, Score
 from search.space import Candidate, SearchSpace
 from search.strategies import (
@@ -37,6 +39,9 @@ from search.strategies import (
     threshold_search,
 )
 
+from .onnx_eval import MEDIA_TYPE as ONNX_MEDIA_TYPE
+from .onnx_eval import evaluate_onnx
+from .onnx_eval import unavailable as onnx_unavailable
 from .plots import plot_front, plot_histograms
 
 STRATEGIES = ("none", "greedy", "thresholds", "evolutionary")
@@ -83,7 +88,8 @@ class JobHooks:
 class JobOutput:
     result: dict
     timings: dict
-    # (kind, path, media type): the checkpoint, report.json and the PNG plots.
+    # (kind, path, media type): the checkpoint, report.json, the ONNX model (the integer
+    # setting) and the PNG plots.
     files: list[tuple[str, Path, str]]
 
 
@@ -192,15 +198,33 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     progress(run.done, run.done)
     best = calibrator.calibrate(result.best.config(base))
     text = is_text(data.x_test)
+    y_test = None if text else data.y_test
     if text:  # cosine and nearest-neighbour agreement of the sentence embeddings
-        test_metrics = evaluate_text(model, best, data.x_test)
+        fp_out, q_out = embeddings_of(model, data.x_test), embeddings_of(best, data.x_test)
+        test_metrics = compare_embeddings(fp_out, q_out).to_dict()
     else:
-        test_metrics = compare(logits_of(model, data.x_test), logits_of(best, data.x_test),
-                               data.y_test).to_dict()
+        fp_out, q_out = logits_of(model, data.x_test), logits_of(best, data.x_test)
+        test_metrics = compare(fp_out, q_out, y_test).to_dict()
     name = f"{inputs.model}_{base.method}_w{base.w_bits}a{base.a_bits}"
     ckpt = save_quantized(best, out_dir / f"{name}.safetensors", metrics=test_metrics)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     files = [("checkpoint", Path(ckpt), "application/octet-stream")]
+    # The deployable model: the integer program as ONNX, measured in ONNX Runtime on the same
+    # test split (the other settings make no integer program, so no ONNX model).
+    onnx_s = 0.0
+    if best.program is not None:
+        stage = "onnx"
+        progress(run.done, run.done)
+        t_onnx = time.perf_counter()
+        onnx_path = export_onnx(ckpt, out_dir / f"{name}.onnx")
+        onnx_metrics = evaluate_onnx(onnx_path, data.x_test, y_test, fp_out, q_out)
+        files.append(("onnx", onnx_path, ONNX_MEDIA_TYPE))
+        onnx_s = time.perf_counter() - t_onnx
+        stage = "artifacts"
+        progress(run.done, run.done)
+    else:
+        onnx_metrics = onnx_unavailable(base.setting)
+    del fp_out, q_out
     plots = out_dir / "plots"
     if inputs.plots and inputs.strategy != "none":
         files.append(("plot", plot_front(result.front, _mk(plots) / "pareto_front.png"),
@@ -209,13 +233,14 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
         files += [("plot", p, "image/png") for p in plot_histograms(best, data.calib, plots)]
     t3 = time.perf_counter()
     timings = {"load_and_statistics_s": round(t1 - t0, 2), "search_s": round(t2 - t1, 2),
-               "artifacts_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2)}
+               "artifacts_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2),
+               **({"onnx_s": round(onnx_s, 2)} if best.program is not None else {})}
     size = Path(ckpt).stat().st_size
     summary = result.to_dict()
     front = summary.pop("front")
     out = {**test_metrics, "size_bytes": size, "fp32_size_bytes": fp32_bytes,
            "compression": round(fp32_bytes / size, 2), "candidate": result.best.to_dict(),
-           "search": summary}
+           "search": summary, "onnx": onnx_metrics}
     report = {"model": inputs.model, "weights": str(inputs.weights), "strategy": inputs.strategy,
               "config": asdict(base), "seed": base.seed, "result": out, "pareto_front": front,
               "budget": asdict(inputs.budget), "stop": asdict(inputs.stop),
