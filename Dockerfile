@@ -30,6 +30,7 @@ COPY service ./service
 COPY api ./api
 COPY bench ./bench
 COPY migrations ./migrations
+COPY export ./export
 RUN pip install . && rm -rf /src
 
 RUN useradd --create-home --uid 1000 tsptq \

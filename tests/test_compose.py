@@ -135,7 +135,7 @@ def test_dockerfile():
     assert _image_entrypoint() == ["tsptq"]
     # every package pyproject finds is copied into the build
     pyproject = (ROOT / "pyproject.toml").read_text()
-    include = re.search(r'include = \[(.*?)\]', pyproject).group(1)
+    include = re.search(r'include = \[(.*?)\]', pyproject, re.S).group(1)
     for pkg in re.findall(r'"(\w+)\*"', include):
         assert re.search(rf"^COPY {pkg} \./{pkg}$", text, re.M), pkg
 
