@@ -1,7 +1,29 @@
 """Exporters of the integer program: ``export_onnx(checkpoint, out)`` writes an ONNX model whose
-outputs in ONNX Runtime are bit-identical to the integer engine's."""
+outputs in ONNX Runtime are bit-identical to the integer engine's; ``form="qdq"`` (or
+``export_qdq``) writes the fast QDQ graph instead (int8 matmuls fused by ONNX Runtime, float
+LayerNorm/Softmax/GELU: close to the engine, not bit-identical)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from .kernels import ExportError
-from .onnx_integer import export_onnx, program_to_onnx
+from .onnx_integer import export_onnx as _export_integer
+from .onnx_integer import program_to_onnx
+from .onnx_qdq import export_qdq, qdq_model
 
-__all__ = ["ExportError", "export_onnx", "program_to_onnx"]
+FORMS = ("integer", "qdq")
+
+
+def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
+                form: str = "integer") -> Path:
+    """``form="integer"``: the bit-exact integer graph; ``"qdq"``: the fast QDQ graph."""
+    if form == "integer":
+        return _export_integer(checkpoint_path, out_path)
+    if form == "qdq":
+        return export_qdq(checkpoint_path, out_path)
+    raise ValueError(f"unknown ONNX form {form!r} (one of {FORMS})")
+
+
+__all__ = ["FORMS", "ExportError", "export_onnx", "export_qdq", "program_to_onnx", "qdq_model"]

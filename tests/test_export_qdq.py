@@ -1,0 +1,108 @@
+"""The QDQ fast graph (``export_onnx(..., form="qdq")``): it passes ONNX's full check, ONNX
+Runtime fuses its matmuls into int8 kernels, and its top-1 agrees with the integer engine's on
+≥ 99.7 % of the digits test split."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+from export import ExportError, export_onnx, export_qdq
+from quant import QuantConfig, quantize, save_quantized
+from quant.checkpoint import CheckpointError
+from quant.integer import IntegerEngine
+from quant.zoo.data import digits_data
+from quant.zoo.models import load_model
+
+ort = pytest.importorskip("onnxruntime")
+
+INT8_MATMULS = {"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
+                "MatMulIntegerToFloat"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_data()
+
+
+@pytest.fixture(scope="module")
+def exported(digits, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qdq")
+    qmodel = quantize(load_model("digits_vit"), digits.calib, QuantConfig(setting="integer"))
+    ckpt = save_quantized(qmodel, tmp / "digits.safetensors")
+    return ckpt, export_onnx(ckpt, tmp / "digits_qdq.onnx", form="qdq"), tmp
+
+
+def _session(path, optimized=None):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    if optimized is not None:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def test_qdq_graph_passes_the_full_check(exported):
+    _, path, _ = exported
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    kinds = collections.Counter(n.op_type for n in model.graph.node)
+    assert kinds["QuantizeLinear"] and kinds["DequantizeLinear"] and kinds["MatMul"]
+    assert "MatMulInteger" not in kinds  # the fast form, not the integer graph
+    ints = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    big = [t for t in ints if len(t.dims) == 2]
+    assert big, "weights are stored as int8 codes"
+    assert path.stat().st_size < 0.5 * sum(  # int8 weights: far smaller than float32 ones
+        4 * int(np.prod(t.dims)) for t in big) + 200_000
+
+
+def test_onnxruntime_fuses_int8_matmuls(exported):
+    _, path, tmp = exported
+    opt = tmp / "digits_qdq.opt.onnx"
+    _session(path, optimized=opt)
+    kinds = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    fused = sum(kinds[k] for k in INT8_MATMULS)
+    # 4 blocks × (qkv, proj, fc1, fc2 fine + coarse, Q·Kᵀ, A·V fine + coarse)
+    assert fused >= 32, kinds
+    assert kinds["MatMul"] == 0, kinds
+
+
+def test_qdq_agrees_with_the_integer_engine(exported, digits):
+    ckpt, path, _ = exported
+    ref = IntegerEngine.load(ckpt)(digits.x_test).numpy()
+    sess = _session(path)
+    (got,) = sess.run(None, {"images": digits.x_test.numpy()})
+    assert got.shape == ref.shape and got.dtype == np.float32
+    agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    assert len(got) == 360 and agree >= 0.997, agree
+    (one,) = sess.run(None, {"images": digits.x_test[:1].numpy()})  # dynamic batch
+    np.testing.assert_allclose(one, got[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_per_channel_qdq_o2sf_gives_the_same_graph_values(exported, digits, tmp_path):
+    """O-2SF as a per-channel QuantizeLinear/DequantizeLinear pair (int8, axis −1) rather than
+    float ops: the same fake-quantized values, so (nearly) the same logits."""
+    ckpt, path, _ = exported
+    alt = export_qdq(ckpt, tmp_path / "pc.onnx", per_channel_qdq=True)
+    kinds = collections.Counter(n.op_type for n in onnx.load(str(alt)).graph.node)
+    assert "Round" not in kinds and "Round" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    x = digits.x_test[:64].numpy()
+    (a,) = _session(path).run(None, {"images": x})
+    (b,) = _session(alt).run(None, {"images": x})
+    assert (a.argmax(1) == b.argmax(1)).all()
+    np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_export_qdq_direct_and_bad_inputs(exported, tmp_path, digits):
+    ckpt, path, _ = exported
+    again = export_qdq(ckpt, tmp_path / "again.onnx")
+    assert again.read_bytes() == path.read_bytes()  # deterministic
+    with pytest.raises(ValueError, match="form"):
+        export_onnx(ckpt, tmp_path / "x.onnx", form="nope")
+    full = quantize(load_model("digits_vit"), digits.calib[:8], QuantConfig(setting="full"))
+    fpath = save_quantized(full, tmp_path / "full.safetensors")
+    with pytest.raises((CheckpointError, ExportError)):
+        export_qdq(fpath, tmp_path / "full.onnx")
