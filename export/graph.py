@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 I64, U64, U8, BOOL = TensorProto.INT64, TensorProto.UINT64, TensorProto.UINT8, TensorProto.BOOL
@@ -193,3 +194,16 @@ def total(g: Graph, parts: Sequence[str]) -> str:
     for p in parts[1:]:
         out = g("Add", out, p)
     return out
+
+
+OPSET = 18  # BitwiseAnd, ReduceMax with axes as an input
+IR_VERSION = 8  # opset 18's: loadable by ONNX Runtime >= 1.14
+
+
+def finish_model(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
+    """A checked model of ``graph`` at this package's opset and IR version."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="tsptq", doc_string=doc)
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -19,12 +19,10 @@ from onnx import helper
 
 from quant.integer.program import Program
 
-from .graph import F32, I64, Graph
+from .graph import F32, I64, Graph, finish_model
 from .kernels import ExportError
 from .ops import HANDLERS, Value
 
-OPSET = 18  # BitwiseAnd, ReduceMax with axes as an input
-IR_VERSION = 8  # opset 18's: loadable by ONNX Runtime ≥ 1.14
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -67,11 +65,7 @@ def program_to_onnx(program: Program) -> onnx.ModelProto:
         outputs.append(helper.make_tensor_value_info(name, F32, dims))
     graph = helper.make_graph(g.nodes, "tsptq_integer_program", inputs, outputs,
                               initializer=g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tsptq", doc_string=__doc__.splitlines()[0])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return finish_model(graph, __doc__.splitlines()[0])
 
 
 def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:

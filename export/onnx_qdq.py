@@ -37,10 +37,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from .graph import finish_model
 from .kernels import ExportError
-
-OPSET = 18
-IR_VERSION = 8
 
 
 def _on(q) -> bool:
@@ -314,11 +312,7 @@ def vit_to_qdq(model, per_channel_qdq: bool = False) -> onnx.ModelProto:
                                                              ["N", c, "H", "W"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", None])],
         initializer=g.inits)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                   producer_name="tsptq", doc_string=__doc__.splitlines()[0])
-    onnx_model.ir_version = IR_VERSION
-    onnx.checker.check_model(onnx_model, full_check=True)
-    return onnx_model
+    return finish_model(graph, __doc__.splitlines()[0])
 
 
 def qdq_model(checkpoint_path: str | os.PathLike, per_channel_qdq: bool = False

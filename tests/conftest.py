@@ -39,6 +39,25 @@ def tiny_deit_distilled() -> torch.nn.Module:
     return _make("deit_tiny_distilled_patch16_224", **VIT_KWARGS)
 
 
+# A Swin whose shifted windows matter: 64x64 inputs, two blocks per stage (rolls and masks),
+# one PatchMerging. Random initialisation gives nearly uniform attention, where neither the
+# position bias nor the masks would show: a bias table and queries and keys of a trained
+# model's magnitude.
+SHIFTED_SWIN = dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                    num_classes=10)
+
+
+def shifted_window_swin() -> torch.nn.Module:
+    m = _make("swin_tiny_patch4_window7_224", **SHIFTED_SWIN)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0, 1)
+            elif name.endswith("attn.qkv.weight"):
+                p.mul_(4)
+    return m
+
+
 @pytest.fixture(scope="session")
 def tiny_swin() -> torch.nn.Module:
     return _make("swin_tiny_patch4_window7_224", **SWIN_KWARGS)

@@ -9,9 +9,8 @@ import copy
 import numpy as np
 import onnx
 import pytest
-import timm
 import torch
-from conftest import FAST
+from conftest import FAST, shifted_window_swin
 from onnx import helper
 
 from export import ExportError, export_onnx, program_to_onnx
@@ -104,16 +103,7 @@ def test_ptf_log2_softmax_codes(models, images, tmp_path):
 @pytest.fixture(scope="module")
 def swin_integer():
     """test_integer_swin's Swin: shifted windows (rolls and masks), PatchMerging."""
-    torch.manual_seed(0)
-    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,
-                          embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
-                          num_classes=10).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                p.normal_(0, 1)
-            elif name.endswith("attn.qkv.weight"):
-                p.mul_(4)
+    m = shifted_window_swin()
     calib = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     return quantize(m, calib, QuantConfig(setting="integer", calib_size=8, search_points=8))
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from conftest import shifted_window_swin
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 from torch import nn
 
@@ -20,27 +20,15 @@ from quant.integer.matmul import INT32_MAX
 from quant.integer.program import INTEGER_DTYPES, RUNNERS, Op
 from quant.integer.softmax import int_softmax
 
-# 64×64 images, patch 4: a 16×16 grid in windows of 4 (shifted every second block), then
-# PatchMerging to 8×8 (still shifted windows). 32 channels at the end and 64 tokens make the
-# pooled sum wide enough to take the head's extra requantization.
-SWIN = dict(img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
-            num_classes=10)
+# conftest's shifted_window_swin: 64×64 images, patch 4: a 16×16 grid in windows of 4 (shifted
+# every second block), then PatchMerging to 8×8 (still shifted windows). 32 channels at the end
+# and 64 tokens make the pooled sum wide enough to take the head's extra requantization.
 CONFIG = dict(calib_size=8, search_points=8)
 
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    torch.manual_seed(0)
-    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **SWIN).eval()
-    # Random initialisation gives nearly uniform attention, where neither the position bias nor
-    # the masks would show: a bias table and queries and keys of a trained model's magnitude.
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                p.normal_(0, 1)
-            elif name.endswith("attn.qkv.weight"):
-                p.mul_(4)
-    return m
+    return shifted_window_swin()
 
 
 @pytest.fixture(scope="module")
