@@ -16,6 +16,9 @@ torch.set_num_threads(1)
 # Nothing may be downloaded: a pretrained model that is not on disk fails at once, not after
 # the hub client's retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every Ray node the tests start (ray.init, the nodes of a cluster, and those of subprocesses,
+# which inherit this) listens on 127.0.0.1 only, never on the machine's network address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
 SWIN_KWARGS = dict(img_size=32, window_size=4, embed_dim=32, depths=(1, 1), num_heads=(2, 4),

@@ -16,6 +16,7 @@ CPUs and NPUs (VNNI, AMX, ONNX's MatMulInteger) take 8-bit operands only, and m 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -39,34 +40,36 @@ def _i64(v) -> Tensor:
     return torch.as_tensor(v, dtype=torch.int64).detach().cpu()
 
 
-class Encoder:
+class Encoder(ABC):
     """Base: ``encode`` integers (step ``in_step``) to codes, ``operands`` of codes."""
 
     scheme: str
     bits: int
 
+    @abstractmethod
     def encode(self, v: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Integers of step ``in_step`` to codes."""
 
+    @abstractmethod
     def operands(self, codes: Tensor) -> list[tuple[Tensor, int]]:
         """(operand, left shift) pairs whose shifted sum is the integer operand."""
-        raise NotImplementedError
 
     def operand(self, codes: Tensor) -> Tensor:
         """The integer operand as one (wider) integer."""
         return sum(o.to(torch.int64) << s for o, s in self.operands(codes))
 
+    @abstractmethod
     def operand_bounds(self) -> list[Tensor]:
         """Per operand part: the largest |value| (a scalar, or per channel)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def step(self) -> Tensor:
         """The real step of the integer operand (float64: lowering only)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tensors(self) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The integer constants, by name (what ``encoder_from`` reads)."""
 
     def attrs(self) -> dict:
         return {"scheme": self.scheme, "bits": self.bits}

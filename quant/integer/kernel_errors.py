@@ -36,10 +36,10 @@ from torch import Tensor
 
 from ..inputs import Inputs, call
 from ..modules import QLayerNorm, sample_rows
+from . import simulate
 from .dyadic import requantize
 from .gelu import IN_BITS as GELU_BITS
 from .gelu import int_gelu
-from .layernorm import NORM_BITS, affine_constants, eps_constant, int_layernorm
 from .lower import LOG2E
 from .softmax import PROB_BITS, int_softmax
 
@@ -144,14 +144,11 @@ def _layernorm_error(m: QLayerNorm, x: Tensor) -> Tensor:
     ``F.layer_norm`` of the real rows the integers stand for, in output units."""
     c = m.normalized_shape[0]
     s = _input_step(m, x)
-    xi = torch.round(x / s).to(torch.int64)
-    gamma, beta, g = affine_constants(m.weight, m.bias, c)
-    eps = eps_constant(m.eps, c, s)
+    xq = torch.round(x.double() / s) * s  # the real values the integers stand for
     w = None if m.weight is None else m.weight.detach().double().cpu()
     b = None if m.bias is None else m.bias.detach().double().cpu()
-    out = int_layernorm(xi, gamma, beta, eps).double() * 2.0 ** -(NORM_BITS + g)
-    ref = F.layer_norm(xi.double() * s, (c,), w, b, m.eps)
-    return (out - ref).abs()
+    out = simulate.layernorm(xq, s, m.weight, m.bias, m.eps)
+    return (out - F.layer_norm(xq, (c,), w, b, m.eps)).abs()
 
 
 def _layernorm_row(qmodel, inputs: Inputs, gen: torch.Generator, rows: int) -> dict | None:
