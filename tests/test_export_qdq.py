@@ -106,3 +106,42 @@ def test_export_qdq_direct_and_bad_inputs(exported, tmp_path, digits):
     fpath = save_quantized(full, tmp_path / "full.safetensors")
     with pytest.raises((CheckpointError, ExportError)):
         export_qdq(fpath, tmp_path / "full.onnx")
+
+
+@pytest.mark.parametrize("bits,scale,shift,zero,offset,floor", [
+    (8, 0.01, 3, 9, False, -0.17),    # post-GELU: the general case (t + 1 not on the coarse grid)
+    (8, 0.004, 2, 0, False, 0.0),     # post-Softmax: both fine clips are saturations
+    (8, 0.01, 4, 16, False, -0.17),   # t + 1 = 2^m·k0 with z > 0
+    (8, 0.01, 3, 9, True, -0.17),     # coarse_offset
+    (6, 0.03, 2, 3, False, -0.17),    # fewer bits on the same int8 grids
+])
+def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, offset, floor):
+    """The fine and coarse int8 operands of the QDQ graph add up to the quantizer's fake
+    quantization, value by value, on both sides of the split and beyond both ends."""
+    import torch
+    from onnx import TensorProto, helper
+
+    from export.graph import finish_model
+    from export.onnx_qdq import _G
+    from quant.quantizers import TwoScaleValueQuantizer
+
+    q = TwoScaleValueQuantizer(bits, signed=floor < 0, coarse_offset=offset)
+    q.set_params(scale, shift, zero)
+    g = _G()
+    parts = g.quantize("x", q, "v", floor=floor)
+    assert len(parts) == 2
+    g.nodes.append(helper.make_node("Add", parts, ["y"], name="sum"))
+    graph = helper.make_graph(g.nodes, "v2sf", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [None])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [None])], initializer=g.inits)
+    model = finish_model(graph, "v2sf")
+    onnx.checker.check_model(model, full_check=True)
+    top = float(q.scale) * ((q._coarse_start(shift, zero) + q.coarse_max) << shift)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(20000, generator=gen) * (1.3 * top - floor) + floor,
+                   torch.linspace(q.split_threshold * 0.9, q.split_threshold * 1.2, 5001)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"x": x.numpy()})
+    want = q.fake_quant(x).numpy()
+    assert (x >= q._threshold()).any() and (x < q._threshold()).any()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * top)
