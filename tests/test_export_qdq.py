@@ -102,32 +102,56 @@ def test_export_qdq_direct_and_bad_inputs(exported, tmp_path, digits):
     assert again.read_bytes() == path.read_bytes()  # deterministic
     with pytest.raises(ValueError, match="form"):
         export_onnx(ckpt, tmp_path / "x.onnx", form="nope")
-    full = quantize(load_model("digits_vit"), digits.calib[:8], QuantConfig(setting="full"))
-    fpath = save_quantized(full, tmp_path / "full.safetensors")
-    with pytest.raises((CheckpointError, ExportError)):
-        export_qdq(fpath, tmp_path / "full.onnx")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        export_qdq(junk, tmp_path / "junk.onnx")
 
 
-@pytest.mark.parametrize("bits,scale,shift,zero,offset,floor", [
-    (8, 0.01, 3, 9, False, -0.17),    # post-GELU: the general case (t + 1 not on the coarse grid)
-    (8, 0.004, 2, 0, False, 0.0),     # post-Softmax: both fine clips are saturations
-    (8, 0.01, 4, 16, False, -0.17),   # t + 1 = 2^m·k0 with z > 0
-    (8, 0.01, 3, 9, True, -0.17),     # coarse_offset
-    (6, 0.03, 2, 3, False, -0.17),    # fewer bits on the same int8 grids
+@pytest.mark.parametrize("setting,method", [("full", "tsptq"), ("partial", "tsptq"),
+                                            ("full", "twin")])
+def test_float_setting_checkpoints_get_the_fast_graph(digits, tmp_path, setting, method):
+    """A full- or partial-setting job has no integer program, but its quantizers have a QDQ
+    form: the fast graph runs the simulation's own float LayerNorm/Softmax/GELU, so its logits
+    follow the simulator's closely (twin: the sign-rule V-2SF)."""
+    import torch
+
+    from quant import load_quantized
+
+    cfg = QuantConfig(setting=setting, method=method, calib_size=16)
+    qmodel = quantize(load_model("digits_vit"), digits.calib[:16], cfg)
+    path = export_qdq(save_quantized(qmodel, tmp_path / "q.safetensors"), tmp_path / "q.onnx")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = digits.x_test[:120]
+    with torch.no_grad():
+        ref = load_quantized(tmp_path / "q.safetensors")(x).numpy()
+    (got,) = _session(path).run(None, {"images": x.numpy()})
+    assert float((got.argmax(1) == ref.argmax(1)).mean()) >= 0.99
+    np.testing.assert_allclose(got, ref, atol=0.05 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("bits,scale,shift,zero,offset,floor,rule", [
+    (8, 0.01, 3, 9, False, -0.17, "value"),  # post-GELU: the general case (t + 1 off the grid)
+    (8, 0.004, 2, 0, False, 0.0, "value"),   # post-Softmax: both fine clips are saturations
+    (8, 0.01, 4, 16, False, -0.17, "value"),  # t + 1 = 2^m·k0 with z > 0
+    (8, 0.01, 3, 9, True, -0.17, "value"),   # coarse_offset
+    (6, 0.03, 2, 3, False, -0.17, "value"),  # fewer bits on the same int8 grids
+    (8, 0.002, 4, 85, False, -0.17, "sign"),  # PTQ4ViT's twin: negatives fine, the rest coarse
 ])
-def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, offset, floor):
+def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, offset, floor,
+                                                    rule):
     """The fine and coarse int8 operands of the QDQ graph add up to the quantizer's fake
     quantization, value by value, on both sides of the split and beyond both ends."""
     import torch
     from onnx import TensorProto, helper
 
     from export.graph import finish_model
-    from export.onnx_qdq import _G
+    from export.qdq_builder import QdqGraph
     from quant.quantizers import TwoScaleValueQuantizer
 
-    q = TwoScaleValueQuantizer(bits, signed=floor < 0, coarse_offset=offset)
+    q = TwoScaleValueQuantizer(bits, rule, signed=floor < 0, coarse_offset=offset)
     q.set_params(scale, shift, zero)
-    g = _G()
+    g = QdqGraph()
     parts = g.quantize("x", q, "v", floor=floor)
     assert len(parts) == 2
     g.nodes.append(helper.make_node("Add", parts, ["y"], name="sum"))

@@ -1,0 +1,314 @@
+"""The QDQ graph builder: nodes and initializers, and each tsptq quantizer as
+QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into its int8 matmuls (one method
+per quantizer scheme, one per layer kind). The families' graphs (``qdq_vit``, ``qdq_bert``) are
+written with it; ``onnx_qdq`` says what the fast graph is and picks the family."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from .kernels import ExportError
+
+
+def _on(q) -> bool:
+    return q is not None and bool(getattr(q, "enabled", True)) and bool(q.calibrated)
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+class QdqGraph:
+    """Nodes and initializers, with fresh names."""
+
+    def __init__(self, per_channel_qdq: bool = False) -> None:
+        self.per_channel_qdq = per_channel_qdq
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+        self.small: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def const(self, value, hint: str = "c", dtype=np.float32) -> str:
+        """An initializer; small ones (scalars, shapes) are written once per value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes()) if arr.size <= 16 else None
+        if key is not None and key in self.small:
+            return self.small[key]
+        name = self.fresh(hint)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        if key is not None:
+            self.small[key] = name
+        return name
+
+    def op(self, kind: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        out = self.fresh(hint or kind.lower())
+        self.nodes.append(helper.make_node(kind, inputs, [out], name=out, **attrs))
+        return out
+
+    # -- quantizers ----------------------------------------------------------------------------
+    def qdq(self, x: str, scale, zero, axis: int | None = None, hint: str = "q") -> str:
+        """QuantizeLinear then DequantizeLinear, int8, scale(s) and zero point(s) given."""
+        s = self.const(np.asarray(scale, np.float32), hint + "_s")
+        z = self.const(np.asarray(zero), hint + "_z", np.int8)
+        kw = {} if axis is None else {"axis": axis}
+        q = self.op("QuantizeLinear", [x, s, z], hint + "_q", **kw)
+        return self.op("DequantizeLinear", [q, s, z], hint + "_dq", **kw)
+
+    def quantize(self, x: str, q, hint: str, floor: float = -math.inf) -> list[str]:
+        """The dequantized operand(s) of quantizer ``q``: one, or V-2SF's fine and coarse parts
+        (whose sum is the fake-quantized value). ``floor``: a lower bound of ``x`` (0 after a
+        Softmax), which can spare a clip."""
+        if not _on(q):
+            return [x]
+        scheme = q.scheme
+        if scheme == "uniform":
+            if q.scale.numel() != 1:
+                raise ExportError(f"{hint}: per-channel activation quantizer")
+            return [self.qdq(x, float(q.scale), int(q.zero_point) - 128, hint=hint)]
+        if scheme == "pow2":
+            return [self._pow2(x, q, hint)]
+        if scheme == "v2sf":
+            return self._v2sf(x, q, hint, floor)
+        if scheme == "log2":
+            return [self._log2(x, q, hint)]
+        raise ExportError(f"{hint}: no QDQ form for the {scheme} quantizer")
+
+    def clip(self, x: str, lo: float | None, hi: float | None, hint: str) -> str:
+        """Clip with scalar bounds (ONNX Runtime runs it ~2× faster than Min or Max)."""
+        bounds = ["" if v is None else self.const(np.float32(v), hint + "_b") for v in (lo, hi)]
+        return self.op("Clip", [x, *bounds], hint)
+
+    def _v2sf(self, x: str, q, hint: str, floor: float = -math.inf) -> list[str]:
+        """V-2SF as a fine and a coarse int8 operand whose sum is the fake-quantized value.
+
+        With s the fine step, S = 2^m·s the coarse one, A = s·t the fine top (t = F − 1 − z),
+        B = S·k0 the first coarse point above it (k0 = ⌊t/2^m⌋ + 1) and τ = (A + B)/2:
+        x̂ = s·clip(round(x/s), −z, t) below τ and S·clip(round(x/S), k0, h) from τ up (h: the
+        top coarse point in steps S; round(x/S) ≥ k0 there). Every Q/DQ pair shares its zero
+        point (ONNX Runtime fuses only those into its uint8 × int8 kernels), and the clips are
+        saturations of QuantizeLinear where they can be:
+
+        * t + 1 = 2^m·k0 (post-Softmax: z = 0, t = 127 at 8 bits): the rounding itself lands A,
+          τ and B right, so fine = Q(clip(x, ·, B)) (B from τ up, its lower clip the
+          saturation of zero point z − 128) and coarse = Q(relu(x − B)) = S·(k − k0), its upper
+          clip the saturation of zero point 127 − (h − k0): three passes; where the input is
+          never negative (``floor`` ≥ 0: post-Softmax) and z = 0, the fine part's zero point
+          127 − (t + 1) makes its clip a saturation too: two passes;
+        * else: coarse = Q(clip(x, B, ·)) = S·min(k, h) (B below τ) and fine = clip(x, −zs, A) +
+          clip(x·K − τ⁻·K, −B, −A) with K = 2^64: x̂ − B below τ, 0 from τ up (the second term a
+          step at τ without Where, which ONNX Runtime runs ~8× slower than Clip): five passes.
+
+        Where a float subtraction meets a rounding tie the result can differ from the twin's
+        by one step (ties have measure zero). Needs B and the coarse top on int8 grids: the
+        value rule at ≤ 8 bits; else ExportError. The sign rule (PTQ4ViT's twin uniform, τ = 0)
+        is clip(x, ·, 0) and relu(x), each clipped by saturation."""
+        s, m, z = float(q.scale), int(q.shift), int(q.zero_point)
+        if q.region_rule == "sign":  # the twin: negatives fine, the rest coarse (c = 0)
+            fine = self.qdq(self.clip(x, None, 0.0, hint + "_fclip"), s, z - 128, hint=hint + "_f")
+            coarse = self.op("Relu", [x], hint + "_c")
+            return [fine, self.qdq(coarse, s * (1 << m), 127 - q.coarse_max, hint=hint + "_c")]
+        c = q._coarse_start(m, z)
+        t = q.payload_max - z
+        k0 = (t >> m) + 1
+        h = c + q.coarse_max if c else q.coarse_max
+        big = s * (1 << m)
+        if (k0 << m) + z > 255 or h > 255 or h < k0:
+            raise ExportError(f"{hint}: V-2SF grid beyond int8 (bits {q.bits}, m {m}, z {z})")
+        b = big * k0
+        if t + 1 == k0 << m:
+            if z == 0 and floor >= 0.0:  # both clips of the fine part are saturations
+                fine = self.qdq(x, s, 127 - (t + 1), hint=hint + "_f")
+            else:
+                fine = self.qdq(self.clip(x, None, b, hint + "_fclip"), s, z - 128,
+                                hint=hint + "_f")
+            over = self.op("Relu", [self.op("Sub", [x, self.const(np.float32(b))])], hint + "_c")
+            return [fine, self.qdq(over, big, 127 - (h - k0), hint=hint + "_c")]
+        k = np.float32(2.0 ** 64)
+        tau = np.nextafter(np.float32(q._threshold()), np.float32(-np.inf))
+        low = self.clip(x, -z * s, s * t, hint + "_fclip")
+        step = self.op("Add", [self.op("Mul", [x, self.const(k)]), self.const(-tau * k)])
+        step = self.clip(step, -b, -s * t, hint + "_step")
+        fine = self.op("Add", [low, step], hint + "_fine")
+        coarse = self.clip(x, b, None, hint + "_cclip")
+        return [self.qdq(fine, s, 127, hint=hint + "_f"),
+                self.qdq(coarse, big, 127 - h, hint=hint + "_c")]
+
+    def _pow2(self, x: str, q, hint: str) -> str:
+        """O-2SF / PTF: per channel, s·2^e_c·(clip(round(x / (s·2^e_c)) + z_c, 0, 2^b − 1) − z_c).
+
+        The LayerNorm that reads it is float, so no int8 tensor is needed here: the same values
+        by float ops (Div, Round, Max, Min, Mul; Round is half-to-even like torch's), as
+        ``per_channel_qdq=True`` writes them with a per-channel QuantizeLinear/DequantizeLinear
+        pair (int8, zero points z_c − 128), which ONNX Runtime 1.32 runs ~10× slower."""
+        sc = _np((q.scale.float() * torch.pow(2.0, q.exponent.float())).reshape(-1))
+        z = _np(q.zero_point.reshape(-1)).astype(np.int64)
+        if self.per_channel_qdq:
+            if q.bits != 8:
+                raise ExportError(f"{hint}: {q.bits}-bit activations (int8 only)")
+            return self.qdq(x, sc, (z - 128).astype(np.int8), axis=-1, hint=hint)
+        top = (1 << q.bits) - 1
+        k = self.op("Round", [self.op("Div", [x, self.const(sc, hint + "_s")])])
+        k = self.op("Min", [self.op("Max", [k, self.const(-z)]), self.const(top - z)])
+        return self.op("Mul", [k, self.const(sc, hint + "_s")], hint + "_dq")
+
+    def _log2(self, x: str, q, hint: str) -> str:
+        e = int(q.exp_max)
+        xc = self.op("Max", [x, self.const(2.0 ** (-e - 1))])
+        k = self.op("Round", [self.op("Neg", [self.op("Div", [
+            self.op("Log", [xc]), self.const(math.log(2.0))])])])
+        k = self.op("Max", [k, self.const(0.0)])
+        val = self.op("Pow", [self.const(2.0), self.op("Neg", [k])])
+        dead = self.op("Greater", [k, self.const(float(e))])
+        return self.op("Where", [dead, self.const(0.0), val], hint + "_log2")
+
+    # -- layers --------------------------------------------------------------------------------
+    def weight_codes(self, w: torch.Tensor, wq, hint: str) -> tuple[np.ndarray, np.ndarray]:
+        """(in, out) int8 codes and the per-output-channel scales of a quantized weight."""
+        if wq.bits > 8 or not wq.symmetric:
+            raise ExportError(f"{hint}: weights must be symmetric, at most 8 bits")
+        w = w.detach().float().reshape(w.shape[0], -1)
+        ints = wq.integer(wq.codes(w)).to(torch.int8)
+        return _np(ints.t().contiguous()), _np(wq.scale.float().reshape(-1))
+
+    def weight(self, w: torch.Tensor, wq, hint: str, rows: np.ndarray | None = None) -> str:
+        """(in, out) MatMul weight: int8 codes and per-output-channel scales (``rows``: those
+        input rows only), or float."""
+        if not _on(wq):
+            wt = _np(w.detach().float().reshape(w.shape[0], -1).t())
+            return self.const(wt if rows is None else wt[rows], hint + "_w")
+        ints, scales = self.weight_codes(w, wq, hint)
+        wi = self.const(ints if rows is None else ints[rows], hint + "_wq", np.int8)
+        ws = self.const(scales, hint + "_ws")
+        wz = self.const(np.zeros(len(scales)), hint + "_wz", np.int8)
+        return self.op("DequantizeLinear", [wi, ws, wz], hint + "_wdq", axis=1)
+
+    def matmuls(self, parts: list[str], rhs: str, hint: str) -> str:
+        outs = [self.op("MatMul", [p, rhs], hint + "_mm") for p in parts]
+        out = outs[0]
+        for o in outs[1:]:
+            out = self.op("Add", [out, o], hint + "_sum")
+        return out
+
+    def rows(self, x: str) -> tuple[str, str]:
+        """Token 0 and the other tokens of (N, L, C): ``first_q``'s rows and ``input_q``'s."""
+        one = self.const(np.asarray([1]), "i", np.int64)
+        axis = self.const(np.asarray([1]), "i", np.int64)
+        head = self.op("Slice", [x, self.const(np.asarray([0]), "i", np.int64), one, axis])
+        tail = self.op("Slice", [x, one, self.const(np.asarray([1 << 62]), "i", np.int64), axis])
+        return head, tail
+
+    def product(self, x: str, q, m, w: str, hint: str,
+                floor: float = -math.inf) -> tuple[str, np.ndarray | None]:
+        """x̂·W for the quantizer ``q`` of ``x`` (``w``: the layer's weight node), and a constant
+        to add to it (or None).
+
+        O-2SF (per-channel steps s·2^e_c and zero points z_c, BERT's qkv and fc1 inputs) has no
+        per-tensor Q/DQ pair, but x̂_c = s·2^e_c·(p_c − z_c) with p_c ∈ [0, 2^b) its code: the
+        channels of one exponent e share the step s·2^e, their codes p_c are
+        QuantizeLinear(x_c + z_c·s·2^e) (the zero point moved into the input, a per-channel
+        Add), so x̂·W = Σ_e s·2^e·(p_e·W_e) − Σ_c s·2^e_c·z_c·W_c: one int8 matmul per exponent
+        over that exponent's rows (as many multiplications as one matmul in all), and a
+        constant. At 8 bits only (the codes span the int8 range)."""
+        if _on(q) and q.scheme == "pow2" and _on(m.weight_q) and q.bits == 8:
+            sc = _np((q.scale.float() * torch.pow(2.0, q.exponent.float())).reshape(-1))
+            z = _np(q.zero_point.reshape(-1)).astype(np.float64)
+            e = _np(q.exponent.reshape(-1)).astype(np.int64)
+            if q.scale.numel() != 1:
+                raise ExportError(f"{hint}: O-2SF with per-channel base steps")
+            outs = []
+            for exp in np.unique(e):
+                rows = np.nonzero(e == exp)[0]
+                xg = self.op("Gather", [x, self.const(rows, hint + "_ch", np.int64)],
+                             hint + f"_e{exp}", axis=-1)
+                xg = self.op("Add", [xg, self.const((z * sc)[rows].astype(np.float32))])
+                xg = self.qdq(xg, float(sc[rows[0]]), -128, hint=hint + f"_e{exp}")
+                outs.append(self.op("MatMul", [xg, self.weight(m.weight, m.weight_q, hint,
+                                                                 rows)], hint + "_mm"))
+            out = outs[0]
+            for o in outs[1:]:
+                out = self.op("Add", [out, o], hint + "_sum")
+            ints, scales = self.weight_codes(m.weight, m.weight_q, hint)
+            wf = ints.astype(np.float64) * scales.astype(np.float64)
+            return out, -((z * sc)[:, None] * wf).sum(0)
+        return self.matmuls(self.quantize(x, q, hint + "_in", floor), w, hint), None
+
+    def linear(self, m, x: str, hint: str, floor: float = -math.inf) -> str:
+        """A Linear: its input's quantized operand(s) times the int8 weight, then the bias.
+        With a first-token quantizer, token 0 and the rest are two products, concatenated."""
+        w = self.weight(m.weight, m.weight_q, hint)
+        out_ch = m.weight.shape[0]
+        bias = np.zeros(out_ch) if m.bias is None else _np(m.bias.float()).astype(np.float64)
+        if getattr(m, "first_q", None) is not None and _on(m.first_q):
+            head, tail = self.rows(x)
+            h, hc = self.product(head, m.first_q, m, w, hint + "_0", floor)
+            t, tc = self.product(tail, m.input_q, m, w, hint, floor)
+            hc = np.zeros(out_ch) if hc is None else hc
+            tc = np.zeros(out_ch) if tc is None else tc
+            if np.any(hc != tc):
+                h = self.op("Add", [h, self.const((hc - tc).astype(np.float32))], hint + "_0c")
+            out = self.op("Concat", [h, t], hint + "_rows", axis=1)
+            bias = bias + tc
+        else:
+            out, const = self.product(x, m.input_q, m, w, hint, floor)
+            if const is not None:
+                bias = bias + const
+        if m.bias is not None or np.any(bias != 0):
+            out = self.op("Add", [out, self.const(bias.astype(np.float32), hint + "_b")],
+                          hint + "_ab")
+        return out
+
+    def attention_heads(self, m, x: str, hint: str, logit_bias: str | None = None) -> str:
+        """A fused-qkv self-attention (timm's Attention, tsptq's QSelfAttention) up to its heads
+        concatenated, (N, L, C); ``logit_bias`` (broadcast to the logits) added before Softmax."""
+        heads = m.num_heads
+        qkv = self.linear(m.qkv, x, hint + "_qkv")
+        c = m.qkv.weight.shape[0] // 3
+        d = c // heads
+        qkv = self.op("Transpose", [self.shape(qkv, [0, -1, 3, heads, d])], perm=[2, 0, 3, 1, 4])
+        q, k, v = (self.op("Gather", [qkv, self.const(np.asarray(j), "idx", np.int64)], axis=0)
+                   for j in range(3))
+        q = self.op("Mul", [q, self.const(float(m.scale))])
+        (qd,) = self.quantize(q, m.q_q, hint + "_q")
+        # Kᵀ before its quantizer: Q → DQ → MatMul as ONNX Runtime fuses it (a Transpose
+        # between turns K's codes into the slower uint8 × uint8 kernel).
+        (kt,) = self.quantize(self.op("Transpose", [k], perm=[0, 1, 3, 2]), m.k_q, hint + "_k")
+        logits = self.op("MatMul", [qd, kt], hint + "_qk")
+        if logit_bias is not None:
+            logits = self.op("Add", [logits, logit_bias], hint + "_mask")
+        a = self.op("Softmax", [logits], axis=-1)
+        (vd,) = self.quantize(v, m.v_q, hint + "_v")
+        out = self.matmuls(self.quantize(a, m.a_q, hint + "_a", floor=0.0), vd, hint + "_av")
+        return self.shape(self.op("Transpose", [out], perm=[0, 2, 1, 3]), [0, 0, c])
+
+    def layernorm(self, m, x: str, hint: str) -> str:
+        if getattr(m, "first_q", None) is not None and _on(m.first_q):
+            head, tail = self.rows(x)
+            (h,) = self.quantize(head, m.first_q, hint + "_in0")
+            (t,) = self.quantize(tail, m.input_q, hint + "_in")
+            xq = self.op("Concat", [h, t], hint + "_rows", axis=1)
+        else:
+            (xq,) = self.quantize(x, m.input_q, hint + "_in")
+        c = m.normalized_shape[0]
+        w = np.ones(c) if m.weight is None else _np(m.weight.float())
+        b = np.zeros(c) if m.bias is None else _np(m.bias.float())
+        return self.op("LayerNormalization", [xq, self.const(w), self.const(b)], hint,
+                       axis=-1, epsilon=float(m.eps))
+
+    def gelu(self, x: str) -> str:
+        e = self.op("Erf", [self.op("Div", [x, self.const(math.sqrt(2.0))])])
+        half = self.op("Mul", [x, self.const(0.5)])
+        return self.op("Mul", [half, self.op("Add", [e, self.const(1.0)])], "gelu")
+
+    def shape(self, x: str, dims: list[int]) -> str:
+        return self.op("Reshape", [x, self.const(np.asarray(dims), "shape", np.int64)])
+
+
