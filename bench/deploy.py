@@ -141,7 +141,7 @@ def ort_quantized(w: Workload, fp32: Path, workdir: Path) -> dict[str, Path]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = workdir / f"{w.name}_pre.onnx"
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=not w.is_text)
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

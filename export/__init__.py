@@ -13,12 +13,24 @@ from .onnx_integer import export_onnx as _export_integer
 from .onnx_integer import program_to_onnx
 from .onnx_qdq import export_qdq, qdq_model
 
-FORMS = ("integer", "qdq")
+FORMS = ("integer", "qdq", "auto")
+
+
+def default_form(checkpoint_path: str | os.PathLike) -> str:
+    """``"integer"`` for a checkpoint with an integer program, else ``"qdq"`` (CheckpointError
+    for a file that is not a readable checkpoint)."""
+    from quant.checkpoint import read_recipe
+
+    return "integer" if read_recipe(checkpoint_path).get("program") is not None else "qdq"
 
 
 def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
                 form: str = "integer") -> Path:
-    """``form="integer"``: the bit-exact integer graph; ``"qdq"``: the fast QDQ graph."""
+    """``form="integer"``: the bit-exact integer graph; ``"qdq"``: the fast QDQ graph;
+    ``"auto"``: the integer graph where the checkpoint has an integer program, else the fast
+    one."""
+    if form == "auto":
+        form = default_form(checkpoint_path)
     if form == "integer":
         return _export_integer(checkpoint_path, out_path)
     if form == "qdq":
@@ -26,4 +38,5 @@ def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
     raise ValueError(f"unknown ONNX form {form!r} (one of {FORMS})")
 
 
-__all__ = ["FORMS", "ExportError", "export_onnx", "export_qdq", "program_to_onnx", "qdq_model"]
+__all__ = ["FORMS", "ExportError", "default_form", "export_onnx", "export_qdq", "program_to_onnx",
+           "qdq_model"]

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 from .graph import finish_model
 from .kernels import ExportError
-from .qdq_builder import QdqGraph, _np, _on
+from .qdq_builder import GELU_MIN, QdqGraph, _np, _on
 
 TABLES = {"word": ("embeddings.word_embeddings.weight", "input_ids"),
           "position": ("embeddings.position_embeddings.weight", None),
@@ -75,7 +75,7 @@ def bert_to_qdq(model, per_channel_qdq: bool = False) -> onnx.ModelProto:
         out = g.linear(att.output.dense, heads, where + "_attn_out")
         h1 = g.layernorm(att.output.LayerNorm, g.op("Add", [h, out]), where + "_ln1")
         inter = g.gelu(g.linear(layer.intermediate.dense, h1, where + "_fc1"))
-        out = g.linear(layer.output.dense, inter, where + "_fc2")
+        out = g.linear(layer.output.dense, inter, where + "_fc2", floor=GELU_MIN)
         h = g.layernorm(layer.output.LayerNorm, g.op("Add", [h1, out]), where + "_ln2")
     g.nodes.append(helper.make_node("Identity", [h], ["last_hidden_state"], name="output"))
     ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "L"])

@@ -14,6 +14,9 @@ from onnx import helper, numpy_helper
 
 from .kernels import ExportError
 
+# The minimum of the erf GELU (−0.16997 at x = −0.7518), rounded down: a lower bound of every
+# post-GELU value, which spares V-2SF's lower clip where its fine grid reaches below it.
+GELU_MIN = -0.17
 
 def _on(q) -> bool:
     return q is not None and bool(getattr(q, "enabled", True)) and bool(q.calibrated)
@@ -32,6 +35,7 @@ class QdqGraph:
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
         self.small: dict[tuple, str] = {}
+        self.weights: dict[tuple, str] = {}
 
     def fresh(self, hint: str) -> str:
         self.n += 1
@@ -66,56 +70,68 @@ class QdqGraph:
     def quantize(self, x: str, q, hint: str, floor: float = -math.inf) -> list[str]:
         """The dequantized operand(s) of quantizer ``q``: one, or V-2SF's fine and coarse parts
         (whose sum is the fake-quantized value). ``floor``: a lower bound of ``x`` (0 after a
-        Softmax), which can spare a clip."""
+        Softmax, GELU's minimum after a GELU), which can spare a clip. A matmul reads
+        ``operands`` instead, which spares a pass more."""
+        parts, offset = self.operands(x, q, hint, floor)
+        if offset:
+            parts[-1] = self.op("Sub", [parts[-1], self.const(np.float32(offset))], hint + "_off")
+        return parts
+
+    def operands(self, x: str, q, hint: str, floor: float = -math.inf
+                 ) -> tuple[list[str], float]:
+        """``(parts, offset)``: the fake-quantized value is ``sum(parts) − offset``; a matmul
+        takes the offset off its product (``offset · column sums``: a bias for a weight)."""
         if not _on(q):
-            return [x]
+            return [x], 0.0
         scheme = q.scheme
         if scheme == "uniform":
             if q.scale.numel() != 1:
                 raise ExportError(f"{hint}: per-channel activation quantizer")
-            return [self.qdq(x, float(q.scale), int(q.zero_point) - 128, hint=hint)]
+            return [self.qdq(x, float(q.scale), int(q.zero_point) - 128, hint=hint)], 0.0
         if scheme == "pow2":
-            return [self._pow2(x, q, hint)]
+            return [self._pow2(x, q, hint)], 0.0
         if scheme == "v2sf":
             return self._v2sf(x, q, hint, floor)
         if scheme == "log2":
-            return [self._log2(x, q, hint)]
+            return [self._log2(x, q, hint)], 0.0
         raise ExportError(f"{hint}: no QDQ form for the {scheme} quantizer")
 
     def clip(self, x: str, lo: float | None, hi: float | None, hint: str) -> str:
-        """Clip with scalar bounds (ONNX Runtime runs it ~2× faster than Min or Max)."""
+        """Clip with scalar bounds (ONNX Runtime runs it ~2× faster than Min or Max, or than a
+        Sub or Add of a scalar)."""
         bounds = ["" if v is None else self.const(np.float32(v), hint + "_b") for v in (lo, hi)]
         return self.op("Clip", [x, *bounds], hint)
 
-    def _v2sf(self, x: str, q, hint: str, floor: float = -math.inf) -> list[str]:
-        """V-2SF as a fine and a coarse int8 operand whose sum is the fake-quantized value.
+    def _v2sf(self, x: str, q, hint: str, floor: float = -math.inf
+              ) -> tuple[list[str], float]:
+        """V-2SF as a fine and a coarse int8 operand and an offset: x̂ = fine + coarse − offset.
 
         With s the fine step, S = 2^m·s the coarse one, A = s·t the fine top (t = F − 1 − z),
         B = S·k0 the first coarse point above it (k0 = ⌊t/2^m⌋ + 1) and τ = (A + B)/2:
         x̂ = s·clip(round(x/s), −z, t) below τ and S·clip(round(x/S), k0, h) from τ up (h: the
         top coarse point in steps S; round(x/S) ≥ k0 there). Every Q/DQ pair shares its zero
         point (ONNX Runtime fuses only those into its uint8 × int8 kernels), and the clips are
-        saturations of QuantizeLinear where they can be:
+        QuantizeLinear's own saturation where they can be:
 
-        * t + 1 = 2^m·k0 (post-Softmax: z = 0, t = 127 at 8 bits): the rounding itself lands A,
-          τ and B right, so fine = Q(clip(x, ·, B)) (B from τ up, its lower clip the
-          saturation of zero point z − 128) and coarse = Q(relu(x − B)) = S·(k − k0), its upper
-          clip the saturation of zero point 127 − (h − k0): three passes; where the input is
-          never negative (``floor`` ≥ 0: post-Softmax) and z = 0, the fine part's zero point
-          127 − (t + 1) makes its clip a saturation too: two passes;
-        * else: coarse = Q(clip(x, B, ·)) = S·min(k, h) (B below τ) and fine = clip(x, −zs, A) +
-          clip(x·K − τ⁻·K, −B, −A) with K = 2^64: x̂ − B below τ, 0 from τ up (the second term a
-          step at τ without Where, which ONNX Runtime runs ~8× slower than Clip): five passes.
+        * coarse = Q(clip(x, B, ·)) = S·min(max(round(x/S), k0), h): B below τ, x̂ from τ up;
+          its upper clip is the saturation of zero point 127 − h. One pass;
+        * fine: x̂ below τ and B from τ up, so that fine + coarse − B = x̂ everywhere. Where
+          t + 1 = 2^m·k0 (post-Softmax: z = 0, t = 127 at 8 bits) the rounding itself lands A,
+          τ and B right: fine = Q(x) with zero point 127 − (t + 1), which saturates at B, and
+          its lower clip at −z·s is a saturation too where ``floor`` ≥ −z·s (post-Softmax,
+          post-GELU): no pass. Else clip(x, −zs, A) + clip(x·K − τ⁻·K, 0, B − A) with K = 2^64
+          (a step at τ without Where, which ONNX Runtime runs ~8× slower than Clip): five
+          passes.
 
         Where a float subtraction meets a rounding tie the result can differ from the twin's
         by one step (ties have measure zero). Needs B and the coarse top on int8 grids: the
         value rule at ≤ 8 bits; else ExportError. The sign rule (PTQ4ViT's twin uniform, τ = 0)
-        is clip(x, ·, 0) and relu(x), each clipped by saturation."""
+        is clip(x, ·, 0) and relu(x), each clipped by saturation, offset 0."""
         s, m, z = float(q.scale), int(q.shift), int(q.zero_point)
         if q.region_rule == "sign":  # the twin: negatives fine, the rest coarse (c = 0)
             fine = self.qdq(self.clip(x, None, 0.0, hint + "_fclip"), s, z - 128, hint=hint + "_f")
             coarse = self.op("Relu", [x], hint + "_c")
-            return [fine, self.qdq(coarse, s * (1 << m), 127 - q.coarse_max, hint=hint + "_c")]
+            return [fine, self.qdq(coarse, s * (1 << m), 127 - q.coarse_max, hint=hint + "_c")], 0.0
         c = q._coarse_start(m, z)
         t = q.payload_max - z
         k0 = (t >> m) + 1
@@ -123,24 +139,20 @@ class QdqGraph:
         big = s * (1 << m)
         if (k0 << m) + z > 255 or h > 255 or h < k0:
             raise ExportError(f"{hint}: V-2SF grid beyond int8 (bits {q.bits}, m {m}, z {z})")
-        b = big * k0
+        b = float(np.float32(big) * np.float32(k0))  # what DequantizeLinear makes of code k0
+        coarse = self.qdq(self.clip(x, b, None, hint + "_cclip"), big, 127 - h, hint=hint + "_c")
+        floor_free = floor >= -z * s  # the lower clip never bites
         if t + 1 == k0 << m:
-            if z == 0 and floor >= 0.0:  # both clips of the fine part are saturations
-                fine = self.qdq(x, s, 127 - (t + 1), hint=hint + "_f")
-            else:
-                fine = self.qdq(self.clip(x, None, b, hint + "_fclip"), s, z - 128,
-                                hint=hint + "_f")
-            over = self.op("Relu", [self.op("Sub", [x, self.const(np.float32(b))])], hint + "_c")
-            return [fine, self.qdq(over, big, 127 - (h - k0), hint=hint + "_c")]
+            lo = None if floor_free else -z * s
+            u = x if lo is None else self.clip(x, lo, None, hint + "_fclip")
+            return [self.qdq(u, s, 127 - (t + 1), hint=hint + "_f"), coarse], b
         k = np.float32(2.0 ** 64)
         tau = np.nextafter(np.float32(q._threshold()), np.float32(-np.inf))
-        low = self.clip(x, -z * s, s * t, hint + "_fclip")
+        low = self.clip(x, None if floor_free else -z * s, s * t, hint + "_fclip")
         step = self.op("Add", [self.op("Mul", [x, self.const(k)]), self.const(-tau * k)])
-        step = self.clip(step, -b, -s * t, hint + "_step")
+        step = self.clip(step, 0.0, b - s * t, hint + "_step")
         fine = self.op("Add", [low, step], hint + "_fine")
-        coarse = self.clip(x, b, None, hint + "_cclip")
-        return [self.qdq(fine, s, 127, hint=hint + "_f"),
-                self.qdq(coarse, big, 127 - h, hint=hint + "_c")]
+        return [self.qdq(fine, s, z - 128, hint=hint + "_f"), coarse], b
 
     def _pow2(self, x: str, q, hint: str) -> str:
         """O-2SF / PTF: per channel, s·2^e_c·(clip(round(x / (s·2^e_c)) + z_c, 0, 2^b − 1) − z_c).
@@ -181,7 +193,14 @@ class QdqGraph:
 
     def weight(self, w: torch.Tensor, wq, hint: str, rows: np.ndarray | None = None) -> str:
         """(in, out) MatMul weight: int8 codes and per-output-channel scales (``rows``: those
-        input rows only), or float."""
+        input rows only), or float. Written once per weight and rows (token 0's product and
+        the others' share it)."""
+        key = (id(w), None if rows is None else rows.tobytes())
+        if key not in self.weights:
+            self.weights[key] = self._weight(w, wq, hint, rows)
+        return self.weights[key]
+
+    def _weight(self, w: torch.Tensor, wq, hint: str, rows: np.ndarray | None) -> str:
         if not _on(wq):
             wt = _np(w.detach().float().reshape(w.shape[0], -1).t())
             return self.const(wt if rows is None else wt[rows], hint + "_w")
@@ -206,10 +225,10 @@ class QdqGraph:
         tail = self.op("Slice", [x, one, self.const(np.asarray([1 << 62]), "i", np.int64), axis])
         return head, tail
 
-    def product(self, x: str, q, m, w: str, hint: str,
+    def product(self, x: str, q, m, hint: str,
                 floor: float = -math.inf) -> tuple[str, np.ndarray | None]:
-        """x̂·W for the quantizer ``q`` of ``x`` (``w``: the layer's weight node), and a constant
-        to add to it (or None).
+        """x̂·W for the quantizer ``q`` of ``x`` and the Linear ``m``'s weight, and a constant to
+        add to it (or None).
 
         O-2SF (per-channel steps s·2^e_c and zero points z_c, BERT's qkv and fc1 inputs) has no
         per-tensor Q/DQ pair, but x̂_c = s·2^e_c·(p_c − z_c) with p_c ∈ [0, 2^b) its code: the
@@ -239,18 +258,26 @@ class QdqGraph:
             ints, scales = self.weight_codes(m.weight, m.weight_q, hint)
             wf = ints.astype(np.float64) * scales.astype(np.float64)
             return out, -((z * sc)[:, None] * wf).sum(0)
-        return self.matmuls(self.quantize(x, q, hint + "_in", floor), w, hint), None
+        parts, offset = self.operands(x, q, hint + "_in", floor)
+        w = self.weight(m.weight, m.weight_q, hint)
+        if not offset:
+            return self.matmuls(parts, w, hint), None
+        if _on(m.weight_q):
+            ints, scales = self.weight_codes(m.weight, m.weight_q, hint)
+            wf = ints.astype(np.float64) * scales.astype(np.float64)
+        else:
+            wf = _np(m.weight.detach().double().reshape(m.weight.shape[0], -1).t())
+        return self.matmuls(parts, w, hint), -offset * wf.sum(0)
 
     def linear(self, m, x: str, hint: str, floor: float = -math.inf) -> str:
         """A Linear: its input's quantized operand(s) times the int8 weight, then the bias.
         With a first-token quantizer, token 0 and the rest are two products, concatenated."""
-        w = self.weight(m.weight, m.weight_q, hint)
         out_ch = m.weight.shape[0]
         bias = np.zeros(out_ch) if m.bias is None else _np(m.bias.float()).astype(np.float64)
         if getattr(m, "first_q", None) is not None and _on(m.first_q):
             head, tail = self.rows(x)
-            h, hc = self.product(head, m.first_q, m, w, hint + "_0", floor)
-            t, tc = self.product(tail, m.input_q, m, w, hint, floor)
+            h, hc = self.product(head, m.first_q, m, hint + "_0", floor)
+            t, tc = self.product(tail, m.input_q, m, hint, floor)
             hc = np.zeros(out_ch) if hc is None else hc
             tc = np.zeros(out_ch) if tc is None else tc
             if np.any(hc != tc):
@@ -258,7 +285,7 @@ class QdqGraph:
             out = self.op("Concat", [h, t], hint + "_rows", axis=1)
             bias = bias + tc
         else:
-            out, const = self.product(x, m.input_q, m, w, hint, floor)
+            out, const = self.product(x, m.input_q, m, hint, floor)
             if const is not None:
                 bias = bias + const
         if m.bias is not None or np.any(bias != 0):
@@ -286,7 +313,13 @@ class QdqGraph:
             logits = self.op("Add", [logits, logit_bias], hint + "_mask")
         a = self.op("Softmax", [logits], axis=-1)
         (vd,) = self.quantize(v, m.v_q, hint + "_v")
-        out = self.matmuls(self.quantize(a, m.a_q, hint + "_a", floor=0.0), vd, hint + "_av")
+        parts, offset = self.operands(a, m.a_q, hint + "_a", floor=0.0)
+        out = self.matmuls(parts, vd, hint + "_av")
+        if offset:  # (Â + offset)·V − offset·(column sums of V)
+            sums = self.op("ReduceSum", [vd, self.const(np.asarray([2]), "axes", np.int64)],
+                           hint + "_vsum", keepdims=1)
+            out = self.op("Sub", [out, self.op("Mul", [sums, self.const(np.float32(offset))])],
+                          hint + "_av_off")
         return self.shape(self.op("Transpose", [out], perm=[0, 2, 1, 3]), [0, 0, c])
 
     def layernorm(self, m, x: str, hint: str) -> str:

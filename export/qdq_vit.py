@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from .graph import finish_model
 from .kernels import ExportError
-from .qdq_builder import QdqGraph, _np, _on
+from .qdq_builder import GELU_MIN, QdqGraph, _np, _on
 
 
 def _layerscale(g: QdqGraph, ls, x: str) -> str:
@@ -106,7 +106,8 @@ def vit_to_qdq(model, per_channel_qdq: bool = False) -> onnx.ModelProto:
         x = g.op("Add", [x, _layerscale(g, blk.ls1, _attention(g, blk.attn, h, f"b{i}_attn"))])
         h = g.layernorm(blk.norm2, x, f"b{i}_ln2")
         h = g.gelu(g.linear(blk.mlp.fc1, h, f"b{i}_fc1"))
-        x = g.op("Add", [x, _layerscale(g, blk.ls2, g.linear(blk.mlp.fc2, h, f"b{i}_fc2"))])
+        out = g.linear(blk.mlp.fc2, h, f"b{i}_fc2", floor=GELU_MIN)
+        x = g.op("Add", [x, _layerscale(g, blk.ls2, out)])
     if not isinstance(model.norm, nn.Identity):
         x = g.layernorm(model.norm, x, "norm")
     if model.global_pool == "token":

@@ -6,7 +6,7 @@
     tsptq db upgrade|downgrade      Alembic migrations of TSPTQ_DATABASE_URL (or SQLite)
     tsptq submit|status|cancel|download|gate   clients of a running service (TSPTQ_URL)
     tsptq quantize                  the library alone, no service
-    tsptq export CKPT --format onnx --out FILE   an integer checkpoint's program as ONNX
+    tsptq export CKPT --format onnx [--form auto|integer|qdq] --out FILE   a checkpoint as ONNX
 
 ``quantize`` loads the model (the bundled digits ViT by default), calibrates every method at
 every width with a progress bar, prints the accuracy table, saves the first method's checkpoint
@@ -87,7 +87,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """The checkpoint's integer program as an ONNX model (bit-identical in ONNX Runtime)."""
+    """The checkpoint as an ONNX model: its integer program (bit-identical in ONNX Runtime) or its
+    fast QDQ graph (int8 matmuls fused by ONNX Runtime)."""
     try:
         from export import export_onnx
     except ImportError as e:  # onnx is a dependency; a broken environment still gets a message
@@ -95,11 +96,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1
     out = args.out or args.checkpoint.with_suffix(".onnx")
     try:
-        path = export_onnx(args.checkpoint, out)
+        path = export_onnx(args.checkpoint, out, form=args.form)
     except (ValueError, OSError) as e:  # CheckpointError, ExportError: a clear message, no trace
         print(f"tsptq: export failed: {e}", file=sys.stderr)
         return 1
-    print(f"tsptq: wrote {path} ({path.stat().st_size / 1024:.0f} KiB, {args.format})")
+    print(f"tsptq: wrote {path} ({path.stat().st_size / 1024:.0f} KiB, {args.format}, "
+          f"form {args.form})")
     return 0
 
 
@@ -213,10 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="checkpoint path of the first method at the first width")
     q.set_defaults(func=cmd_quantize)
 
-    ex = sub.add_parser("export", help="export an integer-setting checkpoint's program (ONNX: "
-                        "bit-identical to the integer engine in ONNX Runtime)")
-    ex.add_argument("checkpoint", type=Path, help="a checkpoint saved with setting='integer'")
+    ex = sub.add_parser("export", help="export a checkpoint as ONNX: the integer graph "
+                        "(bit-identical to the integer engine) or the fast QDQ graph")
+    ex.add_argument("checkpoint", type=Path, help="a tsptq checkpoint")
     ex.add_argument("--format", default="onnx", choices=("onnx",))
+    ex.add_argument("--form", default="auto", choices=("auto", "integer", "qdq"),
+                    help="integer: the integer program, bit-identical to the engine; qdq: the "
+                    "fast graph (int8 matmuls in ONNX Runtime); auto (default): integer where "
+                    "the checkpoint has an integer program, else qdq")
     ex.add_argument("--out", type=Path, help="output file (default: the checkpoint's path with "
                                              ".onnx)")
     ex.set_defaults(func=cmd_export)

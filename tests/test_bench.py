@@ -131,3 +131,24 @@ def test_text_integer_targets():
     skipped = check_integer_targets([], "UnsupportedModelError: no lowering")
     assert not any(ok for _, ok in skipped)
     assert all("no integer program: UnsupportedModelError" in n for n, _ in skipped)
+
+
+def test_deploy_bench_rows_and_targets(tmp_path):
+    """bench.deploy on the digits ViT, one timed run each: a row per variant, batch and thread
+    count with its latency, size and accuracy; the targets read from those rows."""
+    from bench.deploy import VARIANTS, bench_workload, image_workload, targets
+
+    rows, extra = bench_workload(image_workload("digits_vit"), tmp_path, warmup=0, repeats=1,
+                                 log=lambda s: None)
+    assert {(r["variant"], r["batch"], r["threads"]) for r in rows} == {
+        (v, b, t) for v in VARIANTS for b in (1, 8) for t in (1, 2)}
+    for r in rows:
+        assert r["latency_ms"] > 0 and r["size_bytes"] > 0 and 0 <= r["agreement"] <= 1
+    by = {r["variant"]: r for r in rows if r["batch"] == 8 and r["threads"] == 2}
+    assert by["fp32"]["agreement"] == 1.0 and by["tsptq_integer"]["top1"] > 0.95
+    assert by["tsptq_fast"]["size_bytes"] < 0.4 * by["fp32"]["size_bytes"]
+    ops = dict((op, ms) for op, ms, _ in extra["profile"]["tsptq_fast"]["ops"])
+    assert ops.get("MatMulIntegerToFloat", 0) > 0  # ONNX Runtime fused the int8 matmuls
+    assert extra["profile"]["tsptq_fast"]["v2sf_ms"] > 0
+    names = {name for name, _, _ in targets(rows)}
+    assert "digits tsptq_fast: top-1 within 0.5 points of FP32" in names

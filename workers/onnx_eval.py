@@ -1,5 +1,7 @@
-"""The deployable model of a job: its integer program as ONNX (``export.export_onnx``), run in
-ONNX Runtime (CPU) on the test split the simulator was measured on.
+"""The deployable model of a job as ONNX, run in ONNX Runtime (CPU) on the test split the
+simulator was measured on: an integer-setting job's integer program (``export.export_onnx``,
+bit-identical to the engine), any other job's fast QDQ graph (``form="qdq"``: the same
+quantizers with float LayerNorm/Softmax/GELU, as its simulation computes them).
 
 Images go through in batches, as ``quant.evaluate.logits_of`` runs the simulator; texts give
 their embeddings from ``last_hidden_state`` exactly as ``quant.text.embeddings_of`` does for the
@@ -24,11 +26,18 @@ from quant.text import compare_embeddings, embeddings_of
 MEDIA_TYPE = "application/octet-stream"
 
 
-def unavailable(setting: str) -> dict:
-    """``result["onnx"]`` of a job whose setting makes no integer program."""
+def form_for(setting: str) -> str:
+    """The ONNX form a job of this setting stores: the integer graph where there is an integer
+    program, else the fast graph."""
+    return "integer" if setting == "integer" else "qdq"
+
+
+def unavailable(setting: str, why: str) -> dict:
+    """``result["onnx"]`` of a job whose model has no ONNX form (``why``: the exporter's
+    message)."""
     return {"available": False,
-            "reason": "no ONNX model: only the integer setting (quant.setting \"integer\") "
-                      f"makes the deployable integer program; this job's setting is {setting!r}"}
+            "reason": f"no ONNX model for this {setting!r}-setting job: {why} (the integer "
+                      "setting, quant.setting \"integer\", exports every supported family)"}
 
 
 class OnnxModule(nn.Module):
@@ -58,7 +67,7 @@ class OnnxModule(nn.Module):
 
 
 def evaluate_onnx(path: str | Path, x_test, y_test: Tensor | None, fp32: Tensor,
-                  simulator: Tensor) -> dict:
+                  simulator: Tensor, form: str = "integer") -> dict:
     """ONNX Runtime's metrics on the test split. ``fp32`` and ``simulator``: the FP32 model's
     and the simulator's logits (images) or sentence embeddings (texts) on the same inputs."""
     ort_model = OnnxModule(path)
@@ -70,6 +79,12 @@ def evaluate_onnx(path: str | Path, x_test, y_test: Tensor | None, fp32: Tensor,
         metrics = compare(fp32, got, y_test).to_dict()
     import onnxruntime as ort
 
-    return {"available": True, "runtime": f"onnxruntime {ort.__version__} (CPU)", **metrics,
-            "bit_identical_to_engine": bool(torch.equal(got, simulator)),
+    if is_text(x_test):  # how close ONNX Runtime stays to the simulator the search scored
+        closeness = {"cosine_to_simulator": round(float(
+            torch.nn.functional.cosine_similarity(got, simulator, dim=-1).mean()), 6)}
+    else:
+        closeness = {"agreement_with_simulator": round(float(
+            (got.argmax(-1) == simulator.argmax(-1)).float().mean()), 6)}
+    return {"available": True, "runtime": f"onnxruntime {ort.__version__} (CPU)", "form": form,
+            **metrics, "bit_identical_to_engine": bool(torch.equal(got, simulator)), **closeness,
             "size_bytes": Path(path).stat().st_size}
