@@ -79,11 +79,14 @@ def cpu_int8_flags() -> list[str]:
 
 
 def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
+    """``profile``: ONNX Runtime's per-node profile, written beside the model (a temporary
+    directory), not in the working directory."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_profiling = profile
+    so.profile_file_prefix = str(path.with_suffix("")) + "_profile"
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 

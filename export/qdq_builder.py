@@ -18,6 +18,7 @@ from .kernels import ExportError
 # post-GELU value, which spares V-2SF's lower clip where its fine grid reaches below it.
 GELU_MIN = -0.17
 
+
 def _on(q) -> bool:
     return q is not None and bool(getattr(q, "enabled", True)) and bool(q.calibrated)
 
