@@ -223,16 +223,20 @@ def profile(path: Path, feed: dict, runs: int = 5) -> tuple[list[tuple[str, floa
     return rows, v2sf / runs / 1e3
 
 
-def bench_workload(w: Workload, workdir: Path, warmup: int, repeats: int,
-                   log=print) -> tuple[list[dict], dict]:
+def bench_workload(w: Workload, workdir: Path, warmup: int, repeats: int, log=print,
+                   variants: tuple[str, ...] = VARIANTS) -> tuple[list[dict], dict]:
+    """Rows for ``variants`` (FP32, the reference, always), and the tsptq graphs' profiles."""
+    variants = tuple(v for v in VARIANTS if v in variants or v == "fp32")
     t = time.perf_counter()
     qmodel = quantize(w.model, w.calib, QuantConfig(setting="integer"))
     calib_s = time.perf_counter() - t
     ckpt = save_quantized(qmodel, workdir / f"{w.name}.safetensors")
     paths = {"fp32": export_fp32(w, workdir / f"{w.name}_fp32.onnx")}
-    paths.update(ort_quantized(w, paths["fp32"], workdir))
+    if {"ort_dynamic", "ort_static"} & set(variants):
+        paths.update(ort_quantized(w, paths["fp32"], workdir))
     paths["tsptq_fast"] = export_onnx(ckpt, workdir / f"{w.name}_fast.onnx", form="qdq")
     paths["tsptq_integer"] = export_onnx(ckpt, workdir / f"{w.name}_integer.onnx")
+    paths = {v: paths[v] for v in variants}
     log(f"{w.name}: calibrated in {calib_s:.0f} s, exported")
     ref = outputs(session(paths["fp32"], 2), w)
     acc = {v: accuracy(w, outputs(session(p, 2), w), ref) for v, p in paths.items()}
@@ -241,7 +245,7 @@ def bench_workload(w: Workload, workdir: Path, warmup: int, repeats: int,
         sessions = {v: session(p, threads) for v, p in paths.items()}
         for batch in BATCHES:
             feed = {k: v[:batch] for k, v in w.latency_input.items()}
-            for v in VARIANTS:
+            for v in variants:
                 feed_v = {k: x for k, x in feed.items()
                           if k in {i.name for i in sessions[v].get_inputs()}}
                 ms = latency_ms(sessions[v], feed_v, warmup, repeats)
@@ -253,6 +257,8 @@ def bench_workload(w: Workload, workdir: Path, warmup: int, repeats: int,
     feed = {k: v[:8] for k, v in w.latency_input.items()}
     prof = {}
     for v in ("tsptq_fast", "tsptq_integer"):
+        if v not in paths:
+            continue
         ops, v2sf = profile(paths[v], feed)
         prof[v] = {"ops": ops, "v2sf_ms": round(v2sf, 2)}
     return rows, {"model": w.name, "calibration_s": round(calib_s, 1), "profile": prof}
@@ -373,9 +379,14 @@ def main(argv: list[str] | None = None) -> int:
                    "minilm", help="comma-separated (default: all four)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated (default: all five; fp32 always runs)")
     p.add_argument("--text-limit", type=int, default=None,
                    help="MiniLM: this many test texts (default: all)")
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     torch.manual_seed(0)
     torch.set_num_threads(2)
     rows, extra = [], []
@@ -383,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             w = text_workload(args.text_limit) if name == "minilm" else image_workload(name)
             r, e = bench_workload(w, Path(tmp), args.warmup, args.repeats,
-                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+                                  log=lambda s: print(s, file=sys.stderr, flush=True),
+                                  variants=tuple(args.variants.split(",")))
             rows += r
             extra.append(e)
     largest = [e for e in extra if e["model"] in ("deit_small_patch16_224", "minilm")] or extra

@@ -90,18 +90,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     """The checkpoint as an ONNX model: its integer program (bit-identical in ONNX Runtime) or its
     fast QDQ graph (int8 matmuls fused by ONNX Runtime)."""
     try:
-        from export import export_onnx
+        from export import default_form, export_onnx
     except ImportError as e:  # onnx is a dependency; a broken environment still gets a message
         print(f"tsptq: ONNX export needs the onnx package: {e}", file=sys.stderr)
         return 1
     out = args.out or args.checkpoint.with_suffix(".onnx")
     try:
-        path = export_onnx(args.checkpoint, out, form=args.form)
+        form = default_form(args.checkpoint) if args.form == "auto" else args.form
+        path = export_onnx(args.checkpoint, out, form=form)
     except (ValueError, OSError) as e:  # CheckpointError, ExportError: a clear message, no trace
         print(f"tsptq: export failed: {e}", file=sys.stderr)
         return 1
     print(f"tsptq: wrote {path} ({path.stat().st_size / 1024:.0f} KiB, {args.format}, "
-          f"form {args.form})")
+          f"form {form})")
     return 0
 
 

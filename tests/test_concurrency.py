@@ -49,7 +49,8 @@ def test_two_dispatchers_twenty_jobs(tmp_path):
             for j in jobs:
                 assert len(store.candidates(j.id)) == 1
                 names = [a.name for a in store.artifacts(j.id)]
-                assert len(names) == len(set(names)) == 2  # checkpoint and report, once each
+                # checkpoint, report and ONNX model, once each
+                assert len(names) == len(set(names)) == 3
 
             claims = [CLAIM.findall(w.output()) for w in workers]
             counted = Counter(job_id for lines in claims for job_id, _, _ in lines)

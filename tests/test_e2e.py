@@ -45,7 +45,15 @@ def test_main_job_over_http(server, tmp_path):
     assert {j["status"] for j in seen} >= {"succeeded"}
     assert job["progress"]["done"] == job["progress"]["total"] == 1
     listing = server.artifacts(job["id"])
-    assert {a["kind"] for a in listing} == {"checkpoint", "report", "plot"}
+    assert {a["kind"] for a in listing} == {"checkpoint", "report", "plot", "onnx"}
+    # the deployable file: the fast graph of this full-setting job, run in ONNX Runtime
+    import onnxruntime as ort
+
+    onnx_file = server.download(next(a for a in listing if a["kind"] == "onnx"), tmp_path)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (ort_logits,) = session.run(None, {"images": digits_data().x_test[:120].numpy()})
+    ort_top1 = float((ort_logits.argmax(1) == digits_data().y_test[:120].numpy()).mean())
+    assert ort_top1 == pytest.approx(job["result"]["onnx"]["top1"], abs=1e-9)
     ckpt = next(a for a in listing if a["kind"] == "checkpoint")
     path = server.download(ckpt, tmp_path)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == ckpt["sha256"]

@@ -176,3 +176,20 @@ def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, of
     assert (x >= q._threshold()).any() and (x < q._threshold()).any()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * top)
     np.testing.assert_allclose(via_offset, want, rtol=0, atol=1e-5 * top)
+
+
+def test_distilled_deit_fast_graph_averages_its_heads(quantized, images, tmp_path):
+    """A distilled DeiT: class and distillation tokens, two heads averaged at inference; the
+    fast graph follows the integer engine (random weights: near-ties, so logits, not top-1)."""
+    qmodel = quantized("deit", setting="integer")
+    assert hasattr(qmodel.model, "head_dist")
+    ckpt = save_quantized(qmodel, tmp_path / "deit.safetensors")
+    path = export_qdq(ckpt, tmp_path / "deit.onnx")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    ref = IntegerEngine.load(ckpt)(images).numpy()
+    (got,) = _session(path).run(None, {"images": images.numpy()})
+    assert got.shape == ref.shape
+    scale = float(np.abs(ref).max())
+    assert float(np.abs(got - ref).max()) < 0.1 * scale
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert float(cos.min()) > 0.99, cos

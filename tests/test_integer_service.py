@@ -69,6 +69,7 @@ def test_integer_job_reports_its_program(service):
     # the deployable model: its ONNX file, measured in ONNX Runtime on the same 90 test images
     onnx = job["result"]["onnx"]
     assert onnx["available"] is True and onnx["bit_identical_to_engine"] is True
+    assert onnx["form"] == "integer" and onnx["agreement_with_simulator"] == 1.0
     for key in ("top1", "fp32_top1", "agreement", "kl"):  # bit-identical logits: equal metrics
         assert onnx[key] == job["result"][key], key
     assert onnx["runtime"].startswith("onnxruntime ")
