@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import statistics
 import sys
@@ -144,7 +145,8 @@ def ort_quantized(w: Workload, fp32: Path, workdir: Path) -> dict[str, Path]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = workdir / f"{w.name}_pre.onnx"
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    with contextlib.chdir(workdir):
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -154,10 +156,11 @@ def ort_quantized(w: Workload, fp32: Path, workdir: Path) -> dict[str, Path]:
             return next(self.it, None)
 
     dyn, static = workdir / f"{w.name}_ort_dynamic.onnx", workdir / f"{w.name}_ort_static.onnx"
-    quantize_dynamic(str(pre), str(dyn), weight_type=QuantType.QInt8)
-    quantize_static(str(pre), str(static), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    with contextlib.chdir(workdir):  # their temporary files land in the working directory
+        quantize_dynamic(str(pre), str(dyn), weight_type=QuantType.QInt8)
+        quantize_static(str(pre), str(static), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
     return {"ort_dynamic": dyn, "ort_static": static}
 
 

@@ -379,12 +379,21 @@ class TwoScaleValueQuantizer(Quantizer):
         if "shift" in self.restrict:  # keep each candidate's coarse step S = s·2^m, pin m
             pinned = int(self.restrict["shift"])
             candidates = sorted({(s * 2.0 ** (m - pinned), pinned) for s, m in candidates})
+        fallback = best
         for scale, m in candidates:
             self.set_params(scale, m, self._zero_for(scale, x_min))
             err = float(loss(self.fake_quant(x)))
-            if err < best[0]:
+            if not self._coarse_reaches_fine_top():
+                # a coarse grid that tops out below the fine one is not monotone (few coarse
+                # codes, as at 3 bits with most codes fine): only if nothing else is offered
+                fallback = min(fallback, (err, (scale, m, int(self.zero_point))))
+            elif err < best[0]:
                 best = (err, (scale, m, int(self.zero_point)))
-        self.set_params(*best[1])
+        self.set_params(*(best if best[0] < float("inf") else fallback)[1])
+
+    def _coarse_reaches_fine_top(self) -> bool:
+        m, z = int(self.shift), int(self.zero_point)
+        return (self._coarse_start(m, z) + self.coarse_max) << m >= self.payload_max - z
 
     def describe(self) -> dict:
         d = super().describe()
