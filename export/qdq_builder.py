@@ -256,19 +256,19 @@ class QdqGraph:
             out = outs[0]
             for o in outs[1:]:
                 out = self.op("Add", [out, o], hint + "_sum")
-            ints, scales = self.weight_codes(m.weight, m.weight_q, hint)
-            wf = ints.astype(np.float64) * scales.astype(np.float64)
-            return out, -((z * sc)[:, None] * wf).sum(0)
+            return out, -((z * sc)[:, None] * self.weight_values(m, hint)).sum(0)
         parts, offset = self.operands(x, q, hint + "_in", floor)
         w = self.weight(m.weight, m.weight_q, hint)
         if not offset:
             return self.matmuls(parts, w, hint), None
-        if _on(m.weight_q):
-            ints, scales = self.weight_codes(m.weight, m.weight_q, hint)
-            wf = ints.astype(np.float64) * scales.astype(np.float64)
-        else:
-            wf = _np(m.weight.detach().double().reshape(m.weight.shape[0], -1).t())
-        return self.matmuls(parts, w, hint), -offset * wf.sum(0)
+        return self.matmuls(parts, w, hint), -offset * self.weight_values(m, hint).sum(0)
+
+    def weight_values(self, m, hint: str) -> np.ndarray:
+        """(in, out) float64 values of the weight the graph multiplies by (for bias constants)."""
+        if not _on(m.weight_q):
+            return _np(m.weight.detach().double().reshape(m.weight.shape[0], -1).t())
+        ints, scales = self.weight_codes(m.weight, m.weight_q, hint)
+        return ints.astype(np.float64) * scales.astype(np.float64)
 
     def linear(self, m, x: str, hint: str, floor: float = -math.inf) -> str:
         """A Linear: its input's quantized operand(s) times the int8 weight, then the bias.
