@@ -133,7 +133,9 @@ def _logging(level: str) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """The dispatcher alone: claims queued jobs and runs them on Ray until interrupted."""
+    """The dispatcher alone: claims queued jobs and runs them on Ray until SIGTERM or SIGINT
+    (or, with ``--exit-with-parent``, until its parent process is gone); a job running then is
+    handed back to the queue, and the Ray processes this dispatcher started stop with it."""
     import signal
     import threading
 
@@ -156,14 +158,83 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.exit_with_parent:
+        _stop_when_orphaned(stop)
     store = Store.from_url(settings.db_url, chunk_bytes=settings.chunk_bytes)
-    Dispatcher(store, settings).run_forever(stop, poll_s=args.poll)
+    try:
+        Dispatcher(store, settings).run_forever(stop, poll_s=args.poll)
+    finally:
+        _shutdown_ray()
+        store.engine.dispose()
     return 0
+
+
+def _stop_when_orphaned(stop, poll_s: float = 0.5) -> None:
+    """Set ``stop`` once this process's parent is gone (it was re-parented): a ``tsptq serve``
+    killed with SIGKILL runs no cleanup of its own, and its dispatcher must not keep claiming
+    jobs as an orphan."""
+    import logging
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            if os.getppid() != parent:
+                logging.getLogger("tsptq.worker").warning("parent %d is gone; stopping", parent)
+                stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray this process started (a local ``ray.init()`` starts its own GCS, raylet and
+    workers; a connection to a cluster only disconnects)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _server(config):
+    """uvicorn's server, stopped by SIGTERM or SIGINT without re-raising the signal afterwards
+    (uvicorn does, which kills this process by SIGTERM before it can stop its dispatcher).
+    ``stopped_by``: the signal that stopped it, if one did."""
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        stopped_by: int | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+        def _stop(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: do not wait for open connections
+            self.stopped_by = sig
+            self.should_exit = True
+
+    return Server(config)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """API in this process, plus (unless --api-only) one dispatcher as a child process: either
-    can be killed and restarted without the other losing work."""
+    can be killed and restarted without the other losing work. SIGTERM or SIGINT stops both
+    (the dispatcher hands a running job back to the queue) and exits 0; killed with SIGKILL,
+    its dispatcher notices it is orphaned and stops too."""
     import os
     import subprocess
 
@@ -182,22 +253,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     child = None
     if not args.api_only:
         child = subprocess.Popen([sys.executable, "-m", "service.cli", "worker",
-                                  "--log-level", args.log_level], env=os.environ.copy())
+                                  "--exit-with-parent", "--log-level", args.log_level],
+                                 env=os.environ.copy())
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     print(f"tsptq: serving on http://{host}:{port} (database {_safe_url(settings.db_url)}; "
           f"dispatcher {'pid ' + str(child.pid) if child else 'not started'})", flush=True)
+    server = _server(uvicorn.Config("api.app:serve_app", factory=True, host=host, port=port,
+                                    log_level=args.log_level.lower(), access_log=False))
     try:
-        uvicorn.run("api.app:serve_app", factory=True, host=host, port=port,
-                    log_level=args.log_level.lower(), access_log=False)
+        server.run()
     finally:
         if child is not None:
-            child.terminate()
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            _stop_child(child)
+    if server.stopped_by is not None:
+        print(f"tsptq: stopped by signal {server.stopped_by}", flush=True)
     return 0
+
+
+def _stop_child(child, timeout_s: float = 60) -> None:
+    """SIGTERM the dispatcher (it hands its job back and stops its Ray), SIGKILL it if it is
+    still there after ``timeout_s``."""
+    import subprocess
+
+    if child.poll() is None:
+        child.terminate()
+    try:
+        child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait(timeout=10)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Ray, or the cluster named by RAY_ADDRESS)")
     w.add_argument("--poll", type=float, default=1.0, help="seconds between polls when idle")
     w.add_argument("--migrate", action="store_true", help="upgrade the database first")
+    w.add_argument("--exit-with-parent", action="store_true",
+                   help="stop when the parent process is gone (how `tsptq serve` runs it)")
     w.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     w.set_defaults(func=cmd_worker)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -80,11 +82,42 @@ def alembic_config(url: str | URL) -> Config:
     return cfg
 
 
+class SchemaTooNew(ValueError):
+    """The database was migrated by a newer tsptq than this one."""
+
+
+def schema_revision(url: str | URL) -> str | None:
+    """The database's migration revision (None: never migrated)."""
+    engine = make_engine(url, sqlite_foreign_keys=False)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def check_not_newer(url: str | URL) -> None:
+    """Raise ``SchemaTooNew`` if the database is at a revision this code does not know: a newer
+    tsptq migrated it, and this one would misread its rows or half-migrate it."""
+    current = schema_revision(url)
+    scripts = ScriptDirectory.from_config(alembic_config(url))
+    known = {rev.revision for rev in scripts.walk_revisions()}
+    if current is not None and current not in known:
+        raise SchemaTooNew(
+            f"the database {normalize_url(url).render_as_string(hide_password=True)} is at "
+            f"schema revision {current!r}, which this tsptq does not know (its newest is "
+            f"{scripts.get_current_head()!r}): a newer tsptq migrated it. Run that version, or "
+            f"upgrade this installation; nothing was changed.")
+
+
 def upgrade(url: str | URL, rev: str = "head") -> None:
-    """Migrate the database at ``url`` up to ``rev``."""
+    """Migrate the database at ``url`` up to ``rev``; ``SchemaTooNew`` (and nothing changed)
+    if a newer tsptq migrated it already."""
+    check_not_newer(url)
     command.upgrade(alembic_config(url), rev)
 
 
 def downgrade(url: str | URL, rev: str = "base") -> None:
     """Migrate the database at ``url`` down to ``rev`` (everything, by default)."""
+    check_not_newer(url)
     command.downgrade(alembic_config(url), rev)

@@ -4,7 +4,11 @@ Any number of dispatchers may share one database (claims are atomic). While a jo
 heartbeat thread stamps it every ``heartbeat_s``; it also watches for a cancel request, and for
 the loss of the job (requeued as stale and claimed by another dispatcher), and stops the Ray work
 in either case. A dispatcher that dies stops heartbeating: after ``stale_after_s`` any dispatcher
-requeues the job, and the next run reuses every candidate the first one stored.
+requeues the job, and the next run reuses every candidate the first one stored; after
+``max_attempts`` such claims the job is failed instead (it would take the next dispatcher down
+too). A dispatcher asked to stop (``run_forever``'s event: SIGTERM or SIGINT to ``tsptq
+worker``, or its ``tsptq serve`` parent gone) stops its job's Ray work and hands the job back to
+the queue at once, without counting it as a failed attempt.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from quant import CheckpointError, QuantConfig
 from quant.modules import UnsupportedModelError
 from quant.zoo.models import check_supported
@@ -28,7 +34,7 @@ from workers.jobs import JobHooks, JobInputs, run_job
 
 from .jobspec import DIGITS, DataPathError, JobSpec, resolve_data_dir
 from .settings import Settings
-from .store import DatabaseUnavailable, Store
+from .store import DatabaseUnavailable, Store, StoreError
 
 log = logging.getLogger("tsptq.dispatcher")
 
@@ -40,6 +46,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, UnsupportedModelError, CheckpointE
 
 class JobLost(RuntimeError):
     """This dispatcher no longer owns the job (requeued as stale, or finished elsewhere)."""
+
+
+class ArtifactsNotStored(RuntimeError):
+    """The job's artifacts could not be written (none of them is stored)."""
 
 
 def inputs_of(spec: JobSpec, settings: Settings, weights: str | Path, workers: int) -> JobInputs:
@@ -63,8 +73,11 @@ class Dispatcher:
     def __init__(self, store: Store, settings: Settings, worker_id: str | None = None) -> None:
         self.store, self.settings = store, settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stopping = threading.Event()  # set: hand the running job back and stop
 
     def run_forever(self, stop: threading.Event, poll_s: float = 1.0) -> None:
+        """Run jobs until ``stop`` is set; a job running then is handed back to the queue."""
+        self.stopping = stop
         log.info("dispatcher %s started", self.worker_id)
         while not stop.is_set():
             try:
@@ -73,9 +86,15 @@ class Dispatcher:
             except DatabaseUnavailable as e:
                 log.warning("database unavailable (%s); retrying in %.0f s", e, 2 * poll_s)
                 stop.wait(2 * poll_s)
+        log.info("dispatcher %s stopped", self.worker_id)
 
     def run_once(self) -> str | None:
-        """Requeue stale jobs, then claim and run one job; its id, or None if none was queued."""
+        """Fail jobs that crashed too many dispatchers, requeue other stale jobs, then claim and
+        run one job; its id, or None if none was queued."""
+        for job_id in self.store.abandon_stale(self.settings.stale_after_s,
+                                               self.settings.max_attempts):
+            log.error("job %s: abandoned after %d attempts that each stopped its dispatcher",
+                      job_id, self.settings.max_attempts)
         for job_id in self.store.requeue_stale(self.settings.stale_after_s):
             log.warning("job %s: its dispatcher stopped heartbeating; requeued", job_id)
         job = self.store.claim_next(self.worker_id)
@@ -98,11 +117,18 @@ class Dispatcher:
         except SearchCancelled:
             if lost.is_set():
                 log.warning("job %s: lost to another dispatcher; dropped", job_id)
-            else:
+            elif cancel.is_set():
                 self.store.mark_cancelled(job_id, self.worker_id)
                 log.info("job %s: cancelled", job_id)
+            elif self.store.release(job_id, self.worker_id):
+                log.info("job %s: dispatcher stopping; requeued (its %d stored candidates are "
+                         "kept)", job_id, len(self.store.candidate_scores(job_id)))
         except JobLost:
             log.warning("job %s: lost to another dispatcher; dropped", job_id)
+        except ArtifactsNotStored as e:
+            self.store.fail(job_id, str(e), {"total_s": round(time.perf_counter() - t0, 2)},
+                            self.worker_id)
+            log.error("job %s failed: %s", job_id, e)
         except USER_ERRORS as e:
             self.store.fail(job_id, f"{e}", {"total_s": round(time.perf_counter() - t0, 2)},
                             self.worker_id)
@@ -144,17 +170,26 @@ class Dispatcher:
                 store.add_candidate(job_id, cand.key, seq, cand.to_dict(), score.kl,
                                     score.agreement, costs)
 
+            def stopped() -> bool:
+                return cancel.is_set() or self.stopping.is_set()
+
             hooks = JobHooks(progress=progress, on_scored=on_scored, known=known,
-                             cancelled=cancel.is_set)
+                             cancelled=stopped)
             out = run_job(inputs, tmp_dir / "out", hooks)
             if lost.is_set() or not store.heartbeat(job_id, self.worker_id):
                 raise JobLost(job_id)
-            if cancel.is_set():
-                raise SearchCancelled("cancelled while building artifacts")
-            for kind, path, media_type in out.files:
-                name = path.name if kind != "plot" else f"plots/{path.name}"
-                store.add_artifact(job_id, kind, name, media_type, path)
-            if not store.finish(job_id, out.result, out.timings, self.worker_id):
+            if stopped():
+                raise SearchCancelled("stopped while building artifacts")
+            files = [(kind, path.name if kind != "plot" else f"plots/{path.name}", media_type,
+                      path) for kind, path, media_type in out.files]
+            try:
+                done = store.finish_with_artifacts(job_id, files, out.result, out.timings,
+                                                   self.worker_id)
+            except (StoreError, DBAPIError, OSError) as e:
+                raise ArtifactsNotStored(
+                    f"the job ran, but its artifacts could not be stored, so none is kept: "
+                    f"{_first_line(e)}") from e
+            if not done:
                 raise JobLost(job_id)
             log.info("job %s succeeded: top-1 %.4f", job_id, out.result["top1"])
 
@@ -171,3 +206,9 @@ class Dispatcher:
                     cancel.set()
             except DatabaseUnavailable as e:  # keep working; the next beat tries again
                 log.warning("job %s: heartbeat failed: %s", job_id, e)
+
+
+def _first_line(e: BaseException) -> str:
+    orig = getattr(e, "orig", None)  # a DBAPIError's driver exception says it best
+    text = str(orig if orig is not None else e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:500]

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     chunk_bytes: int = Field(MiB, gt=0)
     heartbeat_s: float = Field(5.0, gt=0)
     stale_after_s: float = Field(30.0, gt=0)
+    # Claims of a job whose dispatchers all stopped without finishing it, after which the job
+    # is failed rather than requeued (it would crash the next one too).
+    max_attempts: int = Field(3, ge=1)
     ray_workers: int = Field(2, ge=1)
     torch_threads: int = Field(1, ge=1, description="torch threads of a dispatcher process")
     host: str = "127.0.0.1"

@@ -199,6 +199,42 @@ class Store:
                     requeued.append(job_id)
         return requeued
 
+    def abandon_stale(self, stale_after_s: float, max_attempts: int) -> list[str]:
+        """Fail the stale running jobs that ``max_attempts`` dispatchers have claimed already
+        and that stopped without finishing each time (killed, out of memory, a crash in native
+        code): requeued once more, such a job would take the next dispatcher down too. Their
+        ids; the error names the attempts and the last dispatcher's last stage."""
+        now = utcnow()
+        stale = (Job.status == "running", Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
+                 Job.claims >= max_attempts)
+        failed = []
+        with self._tx(write=True) as s:
+            jobs = s.execute(select(Job.id, Job.claims, Job.claimed_by, Job.stage,
+                                    Job.progress_done, Job.progress_total).where(*stale)
+                             .order_by(Job.created_at).with_for_update(skip_locked=True)).all()
+            for job_id, claims, worker, stage, done, total in jobs:
+                error = (f"abandoned after {claims} attempts: each dispatcher that ran this job "
+                         f"stopped without finishing it (killed, out of memory, or a crash in "
+                         f"native code); the last one ({worker}) was at stage "
+                         f"{stage or 'start'!r} ({done}/{total}). TSPTQ_MAX_ATTEMPTS="
+                         f"{max_attempts} sets how many attempts a job gets.")
+                if s.execute(update(Job).where(Job.id == job_id, *stale)
+                             .values(status="failed", error=error, finished_at=now)).rowcount:
+                    failed.append(job_id)
+        return failed
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """Running → queued, by the dispatcher that owns the job and is stopping in order: the
+        next dispatcher resumes it from its stored candidates. The claim is given back, so an
+        orderly stop does not count as an attempt that failed (``abandon_stale``). False (and
+        no change) if ``worker_id`` no longer owns the job."""
+        with self._tx(write=True) as s:
+            return bool(s.execute(
+                update(Job).where(Job.id == job_id, Job.status == "running",
+                                  Job.claimed_by == worker_id)
+                .values(status="queued", claimed_by=None, heartbeat_at=None,
+                        claims=Job.claims - 1)).rowcount)
+
     def set_progress(self, job_id: str, done: int, total: int, stage: str | None = None) -> None:
         """Progress of a running job; ``stage=None`` keeps the current stage."""
         values: dict[str, Any] = {"progress_done": done, "progress_total": total}
@@ -281,6 +317,36 @@ class Store:
             artifact.size, artifact.sha256 = self._write_chunks(
                 s, ArtifactChunk, artifact.id, source)
         return artifact
+
+    def finish_with_artifacts(self, job_id: str, files: list[tuple[str, str, str, Source]],
+                              result: dict[str, Any], timings: dict[str, Any],
+                              worker_id: str | None = None) -> bool:
+        """Store ``files`` (kind, name, media type, source) and mark the job succeeded, in one
+        transaction: if any write fails (the disk full, a row refused) nothing of it is listed
+        or downloadable and the job is still running, for the caller to fail. False (and
+        nothing stored) if the job was not running (or not ``worker_id``'s)."""
+        for kind, *_ in files:
+            if kind not in ARTIFACT_KINDS:
+                raise ValueError(f"unknown artifact kind {kind!r}; choose from {ARTIFACT_KINDS}")
+        where = [Job.id == job_id, Job.status == "running"]
+        if worker_id is not None:
+            where.append(Job.claimed_by == worker_id)
+        with self._tx(write=True) as s:
+            if s.scalar(select(Job.id).where(*where)) is None:
+                return False
+            for kind, name, media_type, source in files:
+                s.execute(delete(Artifact).where(Artifact.job_id == job_id,
+                                                 Artifact.name == name))
+                artifact = Artifact(job_id=job_id, kind=kind, name=name, media_type=media_type,
+                                    size=0, sha256="", created_at=utcnow())
+                s.add(artifact)
+                s.flush()
+                artifact.size, artifact.sha256 = self._write_chunks(
+                    s, ArtifactChunk, artifact.id, source)
+            s.flush()
+            return bool(s.execute(update(Job).where(*where).values(
+                status="succeeded", result=result, timings=timings,
+                finished_at=utcnow())).rowcount)
 
     def artifacts(self, job_id: str) -> list[Artifact]:
         with self._tx() as s:

@@ -10,6 +10,8 @@ on the number of workers either.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,13 +60,20 @@ class CandidateEvaluator:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray."""
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray.
+
+    Ray's core worker installs a failure signal handler for SIGTERM that logs and ends the
+    process at once; a process that handles SIGTERM itself (a dispatcher hands its job back
+    and stops its Ray in order) gets its own handler back."""
     if not ray.is_initialized():
+        own = signal.getsignal(signal.SIGTERM)
         address = os.environ.get("RAY_ADDRESS")
         if address:  # a cluster's resources are its own: num_cpus applies to a local Ray only
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        if callable(own) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, own)
 
 
 class EvaluatorPool:
