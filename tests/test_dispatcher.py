@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 from db_fixtures import db_url_fixture  # noqa: F401
+from sqlalchemy import func, select
 
 from quant import load_quantized
 from quant.evaluate import compare, logits_of
@@ -18,6 +19,7 @@ from quant.zoo.data import digits_data
 from quant.zoo.models import load_model
 from service.db import upgrade
 from service.dispatcher import Dispatcher
+from service.models import ArtifactChunk
 from service.settings import Settings
 from service.store import Store
 
@@ -122,3 +124,44 @@ def test_stale_job_is_requeued_and_resumes_without_recomputing(tmp_path, ray_loc
     assert resumed.result["candidate"] == reference.result["candidate"]
     assert [c.key for c in store.candidates(job.id)] == [c.key for c in
                                                          store.candidates(first.id)]
+
+
+def _refuse_onnx_rows_of(store: Store, job_id: str) -> None:
+    """A trigger in the database that refuses the chunks of ``job_id``'s ONNX artifact (written
+    after its checkpoint and report), as a server refuses a row too large for it."""
+    if store.engine.dialect.name == "sqlite":
+        ddl = [f"""CREATE TRIGGER refuse_rows BEFORE INSERT ON artifact_chunks
+                   WHEN (SELECT job_id || kind FROM artifacts WHERE id = NEW.artifact_id)
+                        = '{job_id}onnx'
+                   BEGIN SELECT RAISE(ABORT, 'row refused: too large for this server'); END"""]
+    else:
+        ddl = [f"""CREATE FUNCTION refuse_rows() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                   IF (SELECT job_id || kind FROM artifacts WHERE id = NEW.artifact_id)
+                      = '{job_id}onnx' THEN
+                     RAISE EXCEPTION 'row refused: too large for this server';
+                   END IF; RETURN NEW; END $$""",
+               """CREATE TRIGGER refuse_rows BEFORE INSERT ON artifact_chunks FOR EACH ROW
+                  EXECUTE FUNCTION refuse_rows()"""]
+    with store.engine.begin() as conn:
+        for statement in ddl:
+            conn.exec_driver_sql(statement)
+
+
+def test_a_failure_storing_artifacts_fails_the_job_and_keeps_none(db_url, tmp_path, ray_local):
+    store, dispatcher = make(db_url, tmp_path)
+    spec = SMALL | {"model": "digits_vit", "artifacts": {"plots": False}}
+    refused, after = store.create_job(spec), store.create_job(spec)
+    _refuse_onnx_rows_of(store, refused.id)
+    assert dispatcher.run_once() == refused.id
+    failed = store.get_job(refused.id)
+    assert failed.status == "failed" and failed.result is None
+    assert "artifacts could not be stored, so none is kept" in failed.error
+    assert "row refused: too large for this server" in failed.error
+    assert "Traceback" not in failed.error
+    assert store.artifacts(refused.id) == []  # the checkpoint written before it went too
+    with store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ArtifactChunk)) == 0
+    assert dispatcher.run_once() == after.id  # and the dispatcher goes on
+    done = store.get_job(after.id)
+    assert done.status == "succeeded", done.error
+    assert {a.kind for a in store.artifacts(after.id)} == {"checkpoint", "report", "onnx"}

@@ -169,6 +169,83 @@ def test_heartbeat_and_requeue_stale(store):
     assert store.requeue_stale(30) == []
 
 
+def test_a_job_that_crashed_its_dispatchers_max_attempts_times_is_failed(store):
+    old = utcnow() - timedelta(seconds=60)
+    crashing, other = (store.create_job({"i": i}).id for i in range(2))
+    for attempt in (1, 2):  # two dispatchers claim it and die: requeued each time
+        assert store.claim_next(f"w{attempt}").id == crashing
+        store.set_progress(crashing, attempt, 10, "search")
+        _execute(store, update(Job).where(Job.id == crashing).values(heartbeat_at=old))
+        assert store.abandon_stale(30, max_attempts=3) == []
+        assert store.requeue_stale(30) == [crashing]
+    assert store.claim_next("w3").id == crashing
+    assert store.claim_next("w4").id == other
+    store.set_progress(crashing, 7, 10, "search")
+    assert store.abandon_stale(30, max_attempts=3) == []  # w3 still beats
+    _execute(store, update(Job).where(Job.id.in_([crashing, other])).values(heartbeat_at=old))
+    assert store.abandon_stale(30, max_attempts=3) == [crashing]
+    failed = store.get_job(crashing)
+    assert failed.status == "failed" and failed.claims == 3 and failed.finished_at is not None
+    assert "abandoned after 3 attempts" in failed.error
+    assert "w3" in failed.error and "'search' (7/10)" in failed.error
+    assert store.requeue_stale(30) == [other]  # one claim only: requeued as before
+    assert store.get_job(crashing).status == "failed"
+
+
+def test_release_hands_the_job_back_without_counting_an_attempt(store):
+    job_id = store.create_job({}).id
+    store.claim_next("w1")
+    store.add_candidate(job_id, "k1", 0, {}, 0.1, 0.9, {})
+    assert not store.release(job_id, "w2")  # not its job
+    assert store.release(job_id, "w1")
+    job = store.get_job(job_id)
+    assert job.status == "queued" and job.claimed_by is None and job.claims == 0
+    assert not store.heartbeat(job_id, "w1")
+    assert store.candidate_scores(job_id) == {"k1": (0.1, 0.9)}  # kept for the next run
+    assert store.claim_next("w2").claims == 1
+    assert not store.release(job_id, "w1")
+
+
+def test_finish_with_artifacts_is_all_or_nothing(store):
+    job_id = store.create_job({}).id
+    store.claim_next("w1")
+    files = [("checkpoint", "m.safetensors", "application/octet-stream", b"w" * 3000),
+             ("report", "report.json", "application/json", b"{}")]
+    assert not store.finish_with_artifacts(job_id, files, {"top1": 1.0}, {}, "w2")
+    assert store.artifacts(job_id) == [] and store.get_job(job_id).status == "running"
+
+    class Broken(io.RawIOBase):  # the second file fails half way (the disk, a pipe)
+        def __init__(self):
+            self.n = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            self.n += 1
+            if self.n > 2:
+                raise OSError(28, "No space left on device")
+            buf[:CHUNK] = b"x" * CHUNK
+            return CHUNK
+
+    with pytest.raises(OSError, match="No space"):
+        store.finish_with_artifacts(job_id, [files[0], ("onnx", "m.onnx", "application/onnx",
+                                                         io.BufferedReader(Broken()))],
+                                    {"top1": 1.0}, {}, "w1")
+    assert store.artifacts(job_id) == []
+    assert _count(store, ArtifactChunk) == 0
+    assert store.get_job(job_id).status == "running"
+    assert store.finish_with_artifacts(job_id, files, {"top1": 1.0}, {"s": 1}, "w1")
+    done = store.get_job(job_id)
+    assert done.status == "succeeded" and done.result == {"top1": 1.0}
+    arts = {a.name: a for a in store.artifacts(job_id)}
+    assert set(arts) == {"m.safetensors", "report.json"}
+    assert b"".join(store.iter_artifact(arts["m.safetensors"].id)) == b"w" * 3000
+    assert not store.finish_with_artifacts(job_id, files, {}, {}, "w1")  # finished already
+    with pytest.raises(ValueError, match="unknown artifact kind"):
+        store.finish_with_artifacts(job_id, [("weights", "x", "text/plain", b"")], {}, {})
+
+
 def test_progress(store):
     job_id = store.create_job({}).id
     store.set_progress(job_id, 1, 10, "statistics")  # not running yet: ignored
