@@ -64,7 +64,8 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    claims: int = Field(description="how many times a dispatcher claimed the job")
+    claims: int = Field(description="how many dispatchers claimed the job and did not hand it "
+                        "back in order (a stop); at TSPTQ_MAX_ATTEMPTS stale claims it is failed")
 
     @classmethod
     def from_job(cls, job: Job) -> JobOut:

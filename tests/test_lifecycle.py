@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -61,9 +62,12 @@ def test_serve_stops_what_it_started_and_keeps_the_job(tmp_path, sig):
         wait_for(lambda: len(store.candidates(job_id)) >= 5, 240, "five stored candidates")
         started = set(descendants(serve.pid)) | {serve.pid}
         assert any("raylet" in title(p) for p in started), "serve's dispatcher started no Ray"
+        t0 = time.monotonic()
         os.kill(serve.pid, sig)
         wait_for(lambda: _gone(started, serve.pid), STOP_S,
                  f"every process of tsptq serve to stop after {signal.Signals(sig).name}")
+        print(f"{signal.Signals(sig).name}: {len(started)} processes gone in "
+              f"{time.monotonic() - t0:.1f} s")
         code = serve.popen.wait(timeout=5)
         if sig != signal.SIGKILL:
             assert code == 0, serve.output()[-3000:]
