@@ -27,6 +27,17 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
+def _exponent_groups(q, m, hint: str) -> list[tuple[int, np.ndarray]] | None:
+    """O-2SF input ``q`` of the int8 Linear ``m``: (exponent, input rows) of each exponent
+    group; None for other quantizers."""
+    if not (_on(q) and q.scheme == "pow2" and _on(m.weight_q) and q.bits == 8):
+        return None
+    if q.scale.numel() != 1:
+        raise ExportError(f"{hint}: O-2SF with per-channel base steps")
+    e = _np(q.exponent.reshape(-1)).astype(np.int64)
+    return [(int(exp), np.nonzero(e == exp)[0]) for exp in np.unique(e)]
+
+
 class QdqGraph:
     """Nodes and initializers, with fresh names."""
 
@@ -238,15 +249,12 @@ class QdqGraph:
         Add), so x̂·W = Σ_e s·2^e·(p_e·W_e) − Σ_c s·2^e_c·z_c·W_c: one int8 matmul per exponent
         over that exponent's rows (as many multiplications as one matmul in all), and a
         constant. At 8 bits only (the codes span the int8 range)."""
-        if _on(q) and q.scheme == "pow2" and _on(m.weight_q) and q.bits == 8:
+        groups = _exponent_groups(q, m, hint)
+        if groups is not None:
             sc = _np((q.scale.float() * torch.pow(2.0, q.exponent.float())).reshape(-1))
             z = _np(q.zero_point.reshape(-1)).astype(np.float64)
-            e = _np(q.exponent.reshape(-1)).astype(np.int64)
-            if q.scale.numel() != 1:
-                raise ExportError(f"{hint}: O-2SF with per-channel base steps")
             outs = []
-            for exp in np.unique(e):
-                rows = np.nonzero(e == exp)[0]
+            for exp, rows in groups:
                 xg = self.op("Gather", [x, self.const(rows, hint + "_ch", np.int64)],
                              hint + f"_e{exp}", axis=-1)
                 xg = self.op("Add", [xg, self.const((z * sc)[rows].astype(np.float32))])
@@ -263,6 +271,30 @@ class QdqGraph:
             return self.matmuls(parts, w, hint), None
         return self.matmuls(parts, w, hint), -offset * self.weight_values(m, hint).sum(0)
 
+    def rows_product(self, x: str, q, m, hint: str, tail_q=None,
+                     floor: float = -math.inf) -> str:
+        """x̂·W for a few rows (token 0 under its own quantizer ``q``): their fake-quantized
+        values (float) times the dequantized int8 weight that the other rows' product (under
+        ``tail_q``) reads, in that product's row groups where it has them (O-2SF). One row per
+        sequence gains little from an int8 kernel, and int8 weight rows in groups of its own
+        would store the weight twice (5.9 MiB of MiniLM's 22). A uniform quantizer's rows
+        still meet the weight as a Q/DQ pair (an int8 matmul)."""
+        parts = self.quantize(x, q, hint + "_in", floor)
+        xq = parts[0]
+        for part in parts[1:]:
+            xq = self.op("Add", [xq, part], hint + "_in_sum")
+        groups = _exponent_groups(tail_q, m, hint)
+        if groups is None:
+            return self.op("MatMul", [xq, self.weight(m.weight, m.weight_q, hint)], hint + "_mm")
+        outs = [self.op("MatMul", [self.op("Gather", [xq, self.const(rows, hint + "_ch", np.int64)],
+                                           axis=-1),
+                                   self.weight(m.weight, m.weight_q, hint, rows)], hint + "_mm")
+                for _, rows in groups]
+        out = outs[0]
+        for o in outs[1:]:
+            out = self.op("Add", [out, o], hint + "_sum")
+        return out
+
     def weight_values(self, m, hint: str) -> np.ndarray:
         """(in, out) float64 values of the weight the graph multiplies by (for bias constants)."""
         if not _on(m.weight_q):
@@ -277,14 +309,12 @@ class QdqGraph:
         bias = np.zeros(out_ch) if m.bias is None else _np(m.bias.float()).astype(np.float64)
         if getattr(m, "first_q", None) is not None and _on(m.first_q):
             head, tail = self.rows(x)
-            h, hc = self.product(head, m.first_q, m, hint + "_0", floor)
+            h = self.rows_product(head, m.first_q, m, hint + "_0", m.input_q, floor)
             t, tc = self.product(tail, m.input_q, m, hint, floor)
-            hc = np.zeros(out_ch) if hc is None else hc
-            tc = np.zeros(out_ch) if tc is None else tc
-            if np.any(hc != tc):
-                h = self.op("Add", [h, self.const((hc - tc).astype(np.float32))], hint + "_0c")
+            if tc is not None:  # the bias below carries the tail's constant: not the head's
+                h = self.op("Sub", [h, self.const(tc.astype(np.float32))], hint + "_0c")
+                bias = bias + tc
             out = self.op("Concat", [h, t], hint + "_rows", axis=1)
-            bias = bias + tc
         else:
             out, const = self.product(x, m.input_q, m, hint, floor)
             if const is not None:
