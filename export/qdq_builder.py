@@ -271,29 +271,35 @@ class QdqGraph:
             return self.matmuls(parts, w, hint), None
         return self.matmuls(parts, w, hint), -offset * self.weight_values(m, hint).sum(0)
 
-    def rows_product(self, x: str, q, m, hint: str, tail_q=None,
-                     floor: float = -math.inf) -> str:
-        """x̂·W for a few rows (token 0 under its own quantizer ``q``): their fake-quantized
-        values (float) times the dequantized int8 weight that the other rows' product (under
-        ``tail_q``) reads, in that product's row groups where it has them (O-2SF). One row per
-        sequence gains little from an int8 kernel, and int8 weight rows in groups of its own
-        would store the weight twice (5.9 MiB of MiniLM's 22). A uniform quantizer's rows
-        still meet the weight as a Q/DQ pair (an int8 matmul)."""
-        parts = self.quantize(x, q, hint + "_in", floor)
-        xq = parts[0]
-        for part in parts[1:]:
-            xq = self.op("Add", [xq, part], hint + "_in_sum")
-        groups = _exponent_groups(tail_q, m, hint)
-        if groups is None:
-            return self.op("MatMul", [xq, self.weight(m.weight, m.weight_q, hint)], hint + "_mm")
-        outs = [self.op("MatMul", [self.op("Gather", [xq, self.const(rows, hint + "_ch", np.int64)],
-                                           axis=-1),
-                                   self.weight(m.weight, m.weight_q, hint, rows)], hint + "_mm")
-                for _, rows in groups]
+    def rows_product(self, x: str, q, m, hint: str, tail_q,
+                     floor: float = -math.inf) -> tuple[str, np.ndarray | None]:
+        """``product`` for a few rows (token 0 under its own quantizer ``q``) that reads the
+        int8 weight rows of the other rows' product (under ``tail_q``): grouped by the other
+        rows' O-2SF exponents, a second copy grouped by ``q``'s own would store qkv's and fc1's
+        weights twice (5.9 MiB of MiniLM's file). Within one of those groups the channels of
+        each of ``q``'s exponents are one int8 operand, the others masked to 0 (code −128, zero
+        point −128): one small int8 matmul per (group, exponent), exact as ``product``."""
+        groups, own = _exponent_groups(tail_q, m, hint), _exponent_groups(q, m, hint)
+        if groups is None or own is None:
+            return self.product(x, q, m, hint, floor)
+        sc = _np((q.scale.float() * torch.pow(2.0, q.exponent.float())).reshape(-1))
+        z = _np(q.zero_point.reshape(-1)).astype(np.float64)
+        e = _np(q.exponent.reshape(-1)).astype(np.int64)
+        outs = []
+        for g, (_, rows) in enumerate(groups):
+            xg = self.op("Gather", [x, self.const(rows, hint + "_ch", np.int64)], hint + f"_g{g}",
+                         axis=-1)
+            xg = self.op("Add", [xg, self.const((z * sc)[rows].astype(np.float32))])
+            for exp in np.unique(e[rows]):
+                keep = e[rows] == exp
+                xe = xg if keep.all() else self.op("Mul", [xg, self.const(keep.astype(np.float32))])
+                xe = self.qdq(xe, float(q.scale) * 2.0 ** int(exp), -128, hint=hint + f"_e{exp}")
+                outs.append(self.op("MatMul", [xe, self.weight(m.weight, m.weight_q, hint, rows)],
+                                    hint + "_mm"))
         out = outs[0]
         for o in outs[1:]:
             out = self.op("Add", [out, o], hint + "_sum")
-        return out
+        return out, -((z * sc)[:, None] * self.weight_values(m, hint)).sum(0)
 
     def weight_values(self, m, hint: str) -> np.ndarray:
         """(in, out) float64 values of the weight the graph multiplies by (for bias constants)."""
@@ -309,12 +315,14 @@ class QdqGraph:
         bias = np.zeros(out_ch) if m.bias is None else _np(m.bias.float()).astype(np.float64)
         if getattr(m, "first_q", None) is not None and _on(m.first_q):
             head, tail = self.rows(x)
-            h = self.rows_product(head, m.first_q, m, hint + "_0", m.input_q, floor)
+            h, hc = self.rows_product(head, m.first_q, m, hint + "_0", m.input_q, floor)
             t, tc = self.product(tail, m.input_q, m, hint, floor)
-            if tc is not None:  # the bias below carries the tail's constant: not the head's
-                h = self.op("Sub", [h, self.const(tc.astype(np.float32))], hint + "_0c")
-                bias = bias + tc
+            hc = np.zeros(out_ch) if hc is None else hc
+            tc = np.zeros(out_ch) if tc is None else tc
+            if np.any(hc != tc):  # the bias below carries the tail's constant
+                h = self.op("Add", [h, self.const((hc - tc).astype(np.float32))], hint + "_0c")
             out = self.op("Concat", [h, t], hint + "_rows", axis=1)
+            bias = bias + tc
         else:
             out, const = self.product(x, m.input_q, m, hint, floor)
             if const is not None:
