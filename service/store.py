@@ -304,18 +304,20 @@ class Store:
         """Store ``source`` as the job's artifact ``name``, streamed in ``chunk_bytes`` pieces
         in one transaction (nobody sees half an artifact). An artifact of the same name is
         replaced: a job requeued after its dispatcher died writes its artifacts again."""
-        if kind not in ARTIFACT_KINDS:
-            raise ValueError(f"unknown artifact kind {kind!r}; choose from {ARTIFACT_KINDS}")
+        _check_kind(kind)
         with self._tx(write=True) as s:
             if s.get(Job, job_id) is None:
                 raise NotFound(f"no job {job_id}")
-            s.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
-            artifact = Artifact(job_id=job_id, kind=kind, name=name, media_type=media_type,
-                                size=0, sha256="", created_at=utcnow())
-            s.add(artifact)
-            s.flush()
-            artifact.size, artifact.sha256 = self._write_chunks(
-                s, ArtifactChunk, artifact.id, source)
+            return self._put_artifact(s, job_id, kind, name, media_type, source)
+
+    def _put_artifact(self, s: Session, job_id: str, kind: str, name: str, media_type: str,
+                      source: Source) -> Artifact:
+        s.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+        artifact = Artifact(job_id=job_id, kind=kind, name=name, media_type=media_type,
+                            size=0, sha256="", created_at=utcnow())
+        s.add(artifact)
+        s.flush()
+        artifact.size, artifact.sha256 = self._write_chunks(s, ArtifactChunk, artifact.id, source)
         return artifact
 
     def finish_with_artifacts(self, job_id: str, files: list[tuple[str, str, str, Source]],
@@ -326,8 +328,7 @@ class Store:
         or downloadable and the job is still running, for the caller to fail. False (and
         nothing stored) if the job was not running (or not ``worker_id``'s)."""
         for kind, *_ in files:
-            if kind not in ARTIFACT_KINDS:
-                raise ValueError(f"unknown artifact kind {kind!r}; choose from {ARTIFACT_KINDS}")
+            _check_kind(kind)
         where = [Job.id == job_id, Job.status == "running"]
         if worker_id is not None:
             where.append(Job.claimed_by == worker_id)
@@ -335,14 +336,7 @@ class Store:
             if s.scalar(select(Job.id).where(*where)) is None:
                 return False
             for kind, name, media_type, source in files:
-                s.execute(delete(Artifact).where(Artifact.job_id == job_id,
-                                                 Artifact.name == name))
-                artifact = Artifact(job_id=job_id, kind=kind, name=name, media_type=media_type,
-                                    size=0, sha256="", created_at=utcnow())
-                s.add(artifact)
-                s.flush()
-                artifact.size, artifact.sha256 = self._write_chunks(
-                    s, ArtifactChunk, artifact.id, source)
+                self._put_artifact(s, job_id, kind, name, media_type, source)
             s.flush()
             return bool(s.execute(update(Job).where(*where).values(
                 status="succeeded", result=result, timings=timings,
@@ -435,6 +429,11 @@ class Store:
                 return
             yield bytes(data)
             seq += 1
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}; choose from {ARTIFACT_KINDS}")
 
 
 def _owner_column(table: ChunkTable) -> str:
