@@ -38,6 +38,12 @@ def _exponent_groups(q, m, hint: str) -> list[tuple[int, np.ndarray]] | None:
     return [(int(exp), np.nonzero(e == exp)[0]) for exp in np.unique(e)]
 
 
+def _steps(q) -> tuple[np.ndarray, np.ndarray]:
+    """A per-channel power-of-two quantizer's (O-2SF, PTF) steps s·2^e_c and zero points z_c."""
+    sc = _np((q.scale.float() * torch.pow(2.0, q.exponent.float())).reshape(-1))
+    return sc, _np(q.zero_point.reshape(-1)).astype(np.float64)
+
+
 class QdqGraph:
     """Nodes and initializers, with fresh names."""
 
@@ -173,8 +179,8 @@ class QdqGraph:
         by float ops (Div, Round, Max, Min, Mul; Round is half-to-even like torch's), as
         ``per_channel_qdq=True`` writes them with a per-channel QuantizeLinear/DequantizeLinear
         pair (int8, zero points z_c − 128), which ONNX Runtime 1.32 runs ~10× slower."""
-        sc = _np((q.scale.float() * torch.pow(2.0, q.exponent.float())).reshape(-1))
-        z = _np(q.zero_point.reshape(-1)).astype(np.int64)
+        sc, z = _steps(q)
+        z = z.astype(np.int64)
         if self.per_channel_qdq:
             if q.bits != 8:
                 raise ExportError(f"{hint}: {q.bits}-bit activations (int8 only)")
@@ -223,7 +229,10 @@ class QdqGraph:
         return self.op("DequantizeLinear", [wi, ws, wz], hint + "_wdq", axis=1)
 
     def matmuls(self, parts: list[str], rhs: str, hint: str) -> str:
-        outs = [self.op("MatMul", [p, rhs], hint + "_mm") for p in parts]
+        return self.total([self.op("MatMul", [p, rhs], hint + "_mm") for p in parts], hint)
+
+    def total(self, outs: list[str], hint: str) -> str:
+        """The sum of ``outs`` (products of one output), Add by Add."""
         out = outs[0]
         for o in outs[1:]:
             out = self.op("Add", [out, o], hint + "_sum")
@@ -251,8 +260,7 @@ class QdqGraph:
         constant. At 8 bits only (the codes span the int8 range)."""
         groups = _exponent_groups(q, m, hint)
         if groups is not None:
-            sc = _np((q.scale.float() * torch.pow(2.0, q.exponent.float())).reshape(-1))
-            z = _np(q.zero_point.reshape(-1)).astype(np.float64)
+            sc, z = _steps(q)
             outs = []
             for exp, rows in groups:
                 xg = self.op("Gather", [x, self.const(rows, hint + "_ch", np.int64)],
@@ -261,10 +269,7 @@ class QdqGraph:
                 xg = self.qdq(xg, float(sc[rows[0]]), -128, hint=hint + f"_e{exp}")
                 outs.append(self.op("MatMul", [xg, self.weight(m.weight, m.weight_q, hint,
                                                                  rows)], hint + "_mm"))
-            out = outs[0]
-            for o in outs[1:]:
-                out = self.op("Add", [out, o], hint + "_sum")
-            return out, -((z * sc)[:, None] * self.weight_values(m, hint)).sum(0)
+            return self.total(outs, hint), -((z * sc)[:, None] * self.weight_values(m, hint)).sum(0)
         parts, offset = self.operands(x, q, hint + "_in", floor)
         w = self.weight(m.weight, m.weight_q, hint)
         if not offset:
@@ -282,8 +287,7 @@ class QdqGraph:
         groups, own = _exponent_groups(tail_q, m, hint), _exponent_groups(q, m, hint)
         if groups is None or own is None:
             return self.product(x, q, m, hint, floor)
-        sc = _np((q.scale.float() * torch.pow(2.0, q.exponent.float())).reshape(-1))
-        z = _np(q.zero_point.reshape(-1)).astype(np.float64)
+        sc, z = _steps(q)
         e = _np(q.exponent.reshape(-1)).astype(np.int64)
         outs = []
         for g, (_, rows) in enumerate(groups):
@@ -296,10 +300,7 @@ class QdqGraph:
                 xe = self.qdq(xe, float(q.scale) * 2.0 ** int(exp), -128, hint=hint + f"_e{exp}")
                 outs.append(self.op("MatMul", [xe, self.weight(m.weight, m.weight_q, hint, rows)],
                                     hint + "_mm"))
-        out = outs[0]
-        for o in outs[1:]:
-            out = self.op("Add", [out, o], hint + "_sum")
-        return out, -((z * sc)[:, None] * self.weight_values(m, hint)).sum(0)
+        return self.total(outs, hint), -((z * sc)[:, None] * self.weight_values(m, hint)).sum(0)
 
     def weight_values(self, m, hint: str) -> np.ndarray:
         """(in, out) float64 values of the weight the graph multiplies by (for bias constants)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from export import ExportError, export_onnx
+from export import ExportError, default_form, export_onnx
 from quant import Calibrator, QuantConfig, save_quantized
 from quant.evaluate import compare, logits_of
 from quant.inputs import count, is_text
@@ -40,7 +40,7 @@ from search.strategies import (
 )
 
 from .onnx_eval import MEDIA_TYPE as ONNX_MEDIA_TYPE
-from .onnx_eval import evaluate_onnx, form_for
+from .onnx_eval import evaluate_onnx
 from .onnx_eval import unavailable as onnx_unavailable
 from .plots import plot_front, plot_histograms
 
@@ -214,7 +214,7 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     stage = "onnx"
     progress(run.done, run.done)
     t_onnx = time.perf_counter()
-    form = form_for(base.setting)
+    form = default_form(ckpt)  # the integer graph where the checkpoint has a program
     try:
         onnx_path = export_onnx(ckpt, out_dir / f"{name}.onnx", form=form)
     except ExportError as e:  # a family or quantizer with no ONNX form: the result says which

@@ -26,12 +26,6 @@ from quant.text import compare_embeddings, embeddings_of
 MEDIA_TYPE = "application/octet-stream"
 
 
-def form_for(setting: str) -> str:
-    """The ONNX form a job of this setting stores: the integer graph where there is an integer
-    program, else the fast graph."""
-    return "integer" if setting == "integer" else "qdq"
-
-
 def unavailable(setting: str, why: str) -> dict:
     """``result["onnx"]`` of a job whose model has no ONNX form (``why``: the exporter's
     message)."""
