@@ -36,6 +36,7 @@ def collect_statistics(model: nn.Module, images: Inputs, config: QuantConfig,
     pseudo-label cross-entropy (``pseudo_label_loss``); an adapter may give its family's own.
     Padding tokens of a text batch are left out of every statistic (``Capture.token_mask``)."""
     capture = Capture(rows=config.search_rows, grads=config.metric == "hessian",
+                      input_hessian=config.weight_rounding == "gptq",
                       generator=torch.Generator().manual_seed(config.seed),
                       token_mask=token_mask(images))
     modules = quant_modules(model)

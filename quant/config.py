@@ -8,6 +8,7 @@ METHODS = ("tsptq", "uniform", "twin", "ptf")
 SETTINGS = ("full", "partial", "integer")
 METRICS = ("mse", "cosine", "hessian")
 OUTLIER_RULES = ("threshold", "sorted_split")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 # Every kind of quantized tensor, each switchable alone for ablations.
 KINDS = (
@@ -84,6 +85,10 @@ class QuantConfig:
     # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py).
     # Higher SQNR, but on the digits ViT lower agreement than the paper's grid (BENCHMARKS.md).
     coarse_offset: bool = False
+    # How weights are rounded to their codes: "nearest", or "gptq", GPTQ's error-compensating
+    # rounding on the layer's input Hessian (``quant.rounding``; the statistics pass then also
+    # gathers XᵀX of every weighted layer's inputs). The codes are codes either way.
+    weight_rounding: str = "nearest"
     # Per-channel zero points on the LayerNorm input: None = the method's own choice (tsptq: per
     # channel; ptf: one shared zero point, as FQ-ViT's code does). Set it for ablations.
     channel_zero_points: bool | None = None
@@ -107,6 +112,9 @@ class QuantConfig:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.outlier_rule not in OUTLIER_RULES:
             raise ValueError(f"outlier_rule must be one of {OUTLIER_RULES}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}, "
+                             f"got {self.weight_rounding!r}")
         for name in ("w_bits", "a_bits", "image_bits"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:

@@ -151,7 +151,11 @@ class Calibrator:
                 "chosen_threshold": getattr(q, "chosen_threshold", None)}
 
     def _remember(self, key: tuple[str, tuple], m: nn.Module) -> None:
-        self._keep(key, {a: self._quantizer_state(q) for a, q in m.local_quantizers().items()})
+        state = {a: self._quantizer_state(q) for a, q in m.local_quantizers().items()}
+        extras = m.calibration_extras()
+        if extras:
+            state[self.EXTRAS] = {k: v.clone() for k, v in extras.items()}
+        self._keep(key, state)
         self._fresh = [*self._fresh[-self.MAX_REMEMBERED + 1:], key]  # bounded, if never exported
 
     def _keep(self, key: tuple[str, tuple], state: dict[str, dict]) -> None:
@@ -174,14 +178,19 @@ class Calibrator:
             if key not in self._done:
                 self._keep(key, state)
 
-    @staticmethod
-    def _restore(m: nn.Module, state: dict[str, dict]) -> None:
+    EXTRAS = "__extras__"  # a module's ``calibration_extras`` (GPTQ's rounded weight codes)
+
+    @classmethod
+    def _restore(cls, m: nn.Module, state: dict[str, dict]) -> None:
         for attr, st in state.items():
+            if attr == cls.EXTRAS:
+                continue
             q = getattr(m, attr)
             for k, v in st["buffers"].items():
                 setattr(q, k, v.clone())
             if hasattr(q, "chosen_threshold"):
                 q.chosen_threshold = st["chosen_threshold"]
+        m.restore_calibration_extras(state.get(cls.EXTRAS, {}))
 
     def calibrate(self, config: QuantConfig | None = None, progress: Progress | None = None,
                   copy_model: bool = True, incremental: bool = False) -> QuantizedModel:

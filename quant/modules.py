@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .config import QuantConfig
 from .metrics import channel_output_loss, output_loss
 from .quantizers import ChannelPow2Quantizer, Quantizer, UniformQuantizer
+from .rounding import gptq_round, inverse_hessian_factor
 
 
 class UnsupportedModelError(TypeError):
@@ -30,6 +31,8 @@ class Capture:
     rows: int = 2048
     elements: int = 1 << 21  # per attention tensor
     grads: bool = False
+    # Also sum xᵀx over every real input row of each weighted layer (GPTQ's Hessian).
+    input_hessian: bool = False
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     # (N, L) real tokens of a padded text batch: padding enters no statistic. None for images.
     token_mask: Tensor | None = None
@@ -96,6 +99,14 @@ class QuantModule(nn.Module, ABC):
 
     def release(self) -> None:
         self.stats = {}
+
+    def calibration_extras(self) -> dict[str, Tensor]:
+        """What a calibration changed beside the quantizers' buffers (a rounded weight), for
+        ``Calibrator`` to remember and restore with them."""
+        return {}
+
+    def restore_calibration_extras(self, extras: dict[str, Tensor]) -> None:
+        """Put back what ``calibration_extras`` returned."""
 
     def _split_first(self, x: Tensor) -> bool:
         return self.first_q is not None and x.dim() == 3 and x.shape[1] > 1
@@ -214,15 +225,83 @@ class QWeighted(QuantModule):
     def _weight_sample(self, x: Tensor) -> Tensor:
         return x
 
+    def _weight_columns(self, x: Tensor) -> Tensor:
+        """``x`` as the rows the weight's flattened columns multiply: (rows, weight[0].numel())."""
+        return x.reshape(-1, x.shape[-1])
+
     def forward(self, x: Tensor) -> Tensor:
         out = self._op(self._quantize_input(x), self.weight_q(self.weight), self.bias)
         if self.capture is not None:
             self._capture(x, out)
+            if self.capture.input_hessian:
+                self._gather_hessian(x)
         return out
+
+    def _gather_hessian(self, x: Tensor) -> None:
+        """Add xᵀx of the real rows of ``x`` to ``stats["xtx"]`` and keep the FP weight: a
+        calibration rounds a copy of it into ``self.weight``, and the next one starts again
+        from the FP weight."""
+        real = self.capture.real_rows(x)
+        cols = self._weight_columns(x.detach())
+        cols = cols if real is None else cols[real]
+        xtx = cols.t().float() @ cols.float()
+        self.stats["xtx"] = xtx + self.stats["xtx"] if "xtx" in self.stats else xtx
+        self.stats.setdefault("w", self.weight.detach().clone())
+
+    def calibration_extras(self) -> dict[str, Tensor]:
+        if "w" not in self.stats or not self.weight_q.calibrated:
+            return {}
+        return {"weight_codes": self.weight_q.codes(self.weight.detach()).to(
+            torch.uint8 if self.weight_q.bits <= 8 else torch.int16)}
+
+    def restore_calibration_extras(self, extras: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            if "weight_codes" in extras:
+                self.weight.copy_(self.weight_q.dequantize(extras["weight_codes"].int(),
+                                                           self.weight))
+            elif "w" in self.stats:
+                self.weight.copy_(self.stats["w"])
+
+    # Clipping fractions GPTQ tries beside the nearest-rounding search's choice: error
+    # compensation moves the best clipping (each row keeps its best, ``_gptq_weight``).
+    GPTQ_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+    def _gptq_weight(self, w: Tensor, loss, alphas=None) -> Tensor:
+        """``w`` rounded by GPTQ (``quant.rounding``) on each candidate grid, every output row
+        keeping the candidate of lowest ``loss``; the weight quantizer keeps that row's scale.
+        Candidates: the scales the nearest-rounding search chose, and ``GPTQ_ALPHAS`` of each
+        row's min-max range. All candidates are rounded in one pass (stacked rows)."""
+        q = self.weight_q
+        alphas = self.GPTQ_ALPHAS if alphas is None else alphas
+        w2 = w.reshape(len(w), -1)
+        lo, hi = w2.amin(1), w2.amax(1)
+        scales = [q.scale.clone()]
+        searched = q.scale.clone()
+        for a in alphas:
+            q.set_from_range(lo, hi, a)
+            scales.append(q.scale.clone())
+        q.scale = searched
+        s = torch.cat(scales)
+        z = q.zero_point.repeat(len(scales))
+        rounded = gptq_round(w2.repeat(len(scales), 1), inverse_hessian_factor(
+            self.stats["xtx"]), s, z, q.bits).reshape(len(scales), *w.shape)
+        nearest = q.fake_quant(w)
+        best, best_err, best_s = nearest, loss(nearest), scales[0]
+        for wr, sc in zip(rounded, scales, strict=True):
+            err = loss(wr)
+            better = err < best_err
+            best = torch.where(better.reshape(-1, *[1] * (w.dim() - 1)), wr, best)
+            best_s = torch.where(better, sc, best_s)
+            best_err = torch.minimum(err, best_err)
+        q.scale = best_s
+        return best
 
     def calibrate(self, config: QuantConfig) -> None:
         x, g = self.stats["x"], self.stats.get("g")
-        w = self.weight.detach()
+        fp = self.stats.get("w")
+        if fp is not None:  # a rounded weight from an earlier calibration: start from FP
+            self.weight.data.copy_(fp)
+        w = self.weight.detach().clone() if fp is not None else self.weight.detach()
         b = None if self.bias is None else self.bias.detach()
         if _enabled(self.weight_q):
             xw = self._weight_sample(x)
@@ -231,9 +310,11 @@ class QWeighted(QuantModule):
             if first is not None and (gw is None) == (g_first is None):
                 xw = torch.cat([first, xw])  # token 0 is computed with the same weights
                 gw = None if gw is None else torch.cat([g_first, gw])
-            self.weight_q.calibrate(w, None, config.search_points, channel_loss=channel_output_loss(
-                config.metric, lambda wq: self._op(xw, wq - w, None), gw))
-        w_hat = self.weight_q(w)
+            loss = channel_output_loss(config.metric, lambda wq: self._op(xw, wq - w, None), gw)
+            self.weight_q.calibrate(w, None, config.search_points, channel_loss=loss)
+            if config.weight_rounding == "gptq" and "xtx" in self.stats:
+                self.weight.data.copy_(self._gptq_weight(w, loss))
+        w_hat = self.weight_q(self.weight.detach())
         kernel = None
         if _integer(config) and "h" in self.stats:
             from .integer import simulate
@@ -284,6 +365,11 @@ class QConv2d(QWeighted):
 
     def _op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+
+    def _weight_columns(self, x: Tensor) -> Tensor:
+        cols = F.unfold(x, tuple(self.weight.shape[2:]), dilation=self.dilation,
+                        padding=self.padding, stride=self.stride)  # (N, C·kh·kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
     def _capture(self, x: Tensor, out: Tensor) -> None:
         n = max(1, min(len(x), self.capture.elements // max(1, x[0].numel())))

@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quant import METHODS, QuantConfig
-from quant.config import SETTINGS
+from quant.config import SETTINGS, WEIGHT_ROUNDINGS
 
 from .strategies import Budget, EvolutionSettings, StopCriteria
 
@@ -46,7 +46,7 @@ def inputs_from(args: argparse.Namespace):
         model=args.model, weights=args.weights, data=args.data, calib_size=args.calib_size,
         val_size=args.val_size, test_limit=args.test_limit,
         config=QuantConfig(method=args.method, setting=args.setting, seed=args.seed,
-                           calib_size=args.calib_size),
+                           calib_size=args.calib_size, weight_rounding=args.weight_rounding),
         strategy=args.strategy,
         budget=Budget(args.budget_weight_bits or args.budget_bits,
                       args.budget_activation_bits or args.budget_bits,
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="greedy", choices=STRATEGIES)
     p.add_argument("--method", default="tsptq", choices=METHODS)
     p.add_argument("--setting", default="full", choices=SETTINGS)
+    p.add_argument("--weight-rounding", default="nearest", choices=WEIGHT_ROUNDINGS,
+                   help="gptq: error-compensating weight rounding (quant.rounding)")
     p.add_argument("--budget-bits", type=float, default=4.5)
     p.add_argument("--budget-weight-bits", type=float)
     p.add_argument("--budget-activation-bits", type=float)
