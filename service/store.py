@@ -373,6 +373,15 @@ class Store:
         with self._tx() as s:
             return s.get(UploadedModel, model_id)
 
+    def list_models(self, limit: int = 100) -> list[UploadedModel]:
+        """The newest uploads (the dashboard's form offers them as weights)."""
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        with self._tx() as s:
+            return list(s.scalars(select(UploadedModel)
+                                  .order_by(UploadedModel.created_at.desc(),
+                                            UploadedModel.id.desc()).limit(limit)).all())
+
     def iter_model(self, model_id: str) -> Iterator[bytes]:
         """The model file's bytes, chunk by chunk. Raises ``NotFound`` now, not when iterated."""
         if self.get_model(model_id) is None:
