@@ -331,6 +331,22 @@ def test_upload_model_and_use_it(client, store):
         assert r.status_code == 404 and "no uploaded model" in _detail(r)
 
 
+def test_list_uploaded_models(client, store):
+    """What the dashboard's submit form offers as weights: newest first, ``limit`` at most."""
+    assert client.get("/models").json() == []
+    ids = []
+    for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+        r = client.post("/models", params={"name": name}, content=_safetensors(),
+                        headers={"content-type": "application/octet-stream"})
+        ids.append(r.json()["id"])
+    listed = client.get("/models").json()
+    assert [m["id"] for m in listed] == ids[::-1]
+    assert listed[0]["weights"] == f"model:{ids[2]}" and listed[0]["name"] == "c.safetensors"
+    assert [m["id"] for m in client.get("/models", params={"limit": 2}).json()] == ids[:0:-1]
+    for bad in (0, 501, "x"):
+        assert client.get("/models", params={"limit": bad}).status_code == 422
+
+
 def test_upload_refused(client, store):
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(2)}, buf)
