@@ -290,6 +290,13 @@ class Store:
             return list(s.scalars(select(Candidate).where(Candidate.job_id == job_id)
                                   .order_by(Candidate.seq, Candidate.id)).all())
 
+    def candidate_count(self, job_id: str) -> int:
+        """How many candidates the job has: candidates are only ever added, so the count
+        tells whether a copy of them is current."""
+        with self._tx() as s:
+            return s.scalar(select(func.count()).select_from(Candidate)
+                            .where(Candidate.job_id == job_id)) or 0
+
     def candidate_scores(self, job_id: str) -> dict[str, tuple[float, float]]:
         """``{key: (kl, agreement)}``: what a resumed search need not evaluate again."""
         with self._tx() as s:

@@ -157,6 +157,39 @@ def test_candidates(client, store):
     assert r.status_code == 404 and "no job" in _detail(r)
 
 
+def test_a_finished_jobs_candidates_are_served_from_memory_and_stay_current(client, store):
+    """Cached once the job is final, under its candidate count: a candidate that arrives late
+    (a dispatcher that lost the job still reporting) shows all the same."""
+    from api.routes import jobs as jobs_route
+
+    job_id = client.post("/jobs", json={}).json()["id"]
+    store.claim_next("w")
+    store.add_candidate(job_id, "a", 0, {"bits": {}}, 0.1, 0.9, {"weight_bits": 8})
+    assert store.finish(job_id, {"top1": 1.0}, {})
+    before = len(jobs_route._candidate_bodies)
+    first = client.get(f"/jobs/{job_id}/candidates")
+    assert first.headers["content-type"] == "application/json"
+    assert len(jobs_route._candidate_bodies) == before + 1
+    assert client.get(f"/jobs/{job_id}/candidates").content == first.content
+    assert len(jobs_route._candidate_bodies) == before + 1  # the same body, not made again
+    store.add_candidate(job_id, "b", 1, {"bits": {}}, 0.2, 0.8, {"weight_bits": 6})
+    assert [c["key"] for c in client.get(f"/jobs/{job_id}/candidates").json()] == ["a", "b"]
+
+
+def test_body_cache_is_bounded_in_bytes():
+    from api.cache import BodyCache
+
+    cache = BodyCache(max_bytes=10)
+    assert cache.get("a", lambda: b"12345") == b"12345"
+    assert cache.get("a", lambda: b"other") == b"12345"  # made once
+    cache.get("b", lambda: b"123")
+    cache.get("a", lambda: b"")  # a is now the most recently used
+    cache.get("c", lambda: b"1234")  # 12 bytes: b, the least recently used, goes
+    assert cache.get("b", lambda: b"new") == b"new" and len(cache) <= 3
+    assert cache.get("huge", lambda: b"x" * 11) == b"x" * 11  # larger than the cache: not kept
+    assert cache.get("huge", lambda: b"y") == b"y"
+
+
 def test_cancel(client, store):
     running, done, ended, queued = (client.post("/jobs", json={}).json()["id"] for _ in range(4))
     assert [store.claim_next("w").id for _ in range(3)] == [running, done, ended]
