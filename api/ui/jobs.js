@@ -27,7 +27,8 @@ function jobRow(job) {
     h("td", {}, quantLabel(req)),
     h("td", {}, strategy),
     h("td", { class: "progress" }, progressBar(job),
-      h("span", { class: "hint" }, [job.progress.stage, progress].filter(Boolean).join(" "))),
+      h("span", { class: "hint" }, [job.status === "running" ? job.progress.stage : null, progress]
+        .filter(Boolean).join(" "))),
     h("td", { title: job.created_at }, age(job.created_at)),
     h("td", { class: "result" }, job.status === "failed" ? h("span", { class: "error" }, "failed")
       : resultLine(job.result)));
