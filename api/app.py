@@ -28,7 +28,7 @@ Submit a job (`POST /jobs`, `{}` quantizes the bundled digits ViT at W8A8), poll
 `GET /jobs/{id}`, then download its artifacts (`GET /jobs/{id}/artifacts`,
 `GET /artifacts/{id}`). Upload your own safetensors weights with `POST /models` and name them in
 a job as `"weights": "model:{id}"`. When the server sets `TSPTQ_API_TOKEN`, every route but
-`/healthz` needs `Authorization: Bearer <token>`."""
+`/healthz` needs `Authorization: Bearer <token>` (the web dashboard at `/ui` asks for it)."""
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None, *,

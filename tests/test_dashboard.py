@@ -26,7 +26,7 @@ from procs import Proc, free_port, service_env, wait_for, wait_healthy
 
 from search.strategies import pareto_front
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # real servers and a browser
 
 VIEWPORT = {"width": 1280, "height": 900}
 TOKEN = "dash-tökén-42"
@@ -302,3 +302,14 @@ def test_the_token_prompt_guards_every_page(token_server, browser):
         assert page.evaluate("sessionStorage.getItem('tsptq-token')") is None
     finally:
         context.close()
+
+
+def test_without_chromium_ci_fails_rather_than_skips(monkeypatch):
+    from _pytest.outcomes import Failed, Skipped
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(Skipped):
+        _unavailable("no Chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(Failed, match="CI is set"):
+        _unavailable("no Chromium")
