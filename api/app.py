@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from api import __version__, errors
 from api.deps import BearerAuth, bearer_documented
 from api.limits import BodyLimit
-from api.routes import artifacts, health, jobs, models
+from api.routes import artifacts, health, jobs, models, ui
 from service.jobspec import JobSpec
 from service.settings import Settings, get_settings
 from service.store import Store
@@ -28,7 +28,7 @@ Submit a job (`POST /jobs`, `{}` quantizes the bundled digits ViT at W8A8), poll
 `GET /jobs/{id}`, then download its artifacts (`GET /jobs/{id}/artifacts`,
 `GET /artifacts/{id}`). Upload your own safetensors weights with `POST /models` and name them in
 a job as `"weights": "model:{id}"`. When the server sets `TSPTQ_API_TOKEN`, every route but
-`/healthz` needs `Authorization: Bearer <token>`."""
+`/healthz` needs `Authorization: Bearer <token>` (the web dashboard at `/ui` asks for it)."""
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None, *,
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, *,
         protected = {"dependencies": [Depends(bearer_documented)],
                      "responses": errors.responses(401)}
     app.include_router(health.router)
+    app.include_router(ui.router)  # the dashboard's shell: no job data, open (api.deps.is_open)
     for module in (jobs, artifacts, models):
         app.include_router(module.router, **protected)
     return app

@@ -2,8 +2,10 @@
 
 Authentication is an ASGI middleware, not a per-route dependency, so that no route can forget
 it and it also covers ``/docs`` and ``/openapi.json``; only ``/healthz`` stays open (for load
-balancers and orchestrators). A refused request does nothing: the middleware answers 401
-before any route runs or any body is read.
+balancers and orchestrators), with the dashboard's shell: ``/`` (a redirect), and ``/ui`` and
+everything below it, static HTML, JavaScript and CSS that carry no job data (the pages fetch
+that from the API with the token the person types in). A refused request does nothing: the
+middleware answers 401 before any route runs or any body is read.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.settings import Settings
 from service.store import Store
 
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/"})
+# The dashboard's shell (api.routes.ui): pages and static files without job data.
+OPEN_PREFIX = "/ui"
+
+
+def is_open(path: str) -> bool:
+    """Whether ``path`` is served without the token: ``OPEN_PATHS``, ``/ui`` and ``/ui/...``
+    (not ``/uix``)."""
+    return path in OPEN_PATHS or path == OPEN_PREFIX or path.startswith(OPEN_PREFIX + "/")
 
 
 def get_settings(request: Request) -> Settings:
@@ -56,14 +66,14 @@ def token_matches(header: str | None, token: str) -> bool:
 
 class BearerAuth:
     """Answer 401 (``WWW-Authenticate: Bearer``) to every HTTP request but those to
-    ``OPEN_PATHS`` unless it carries ``Authorization: Bearer <token>``."""
+    open paths (``is_open``) unless it carries ``Authorization: Bearer <token>``."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.token = token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         header = None

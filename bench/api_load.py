@@ -3,6 +3,14 @@ them against a real server on loopback; latency per endpoint and the error count
 
     python -m bench.api_load [--clients 50] [--seconds 30] [--pause 0.5] [--polls 4]
                              [--json PATH] [--url URL] [--token TOKEN]
+    python -m bench.api_load --dashboard [--clients 10] [--seconds 30] [--pause 0.5]
+
+``--dashboard`` measures the dashboard instead: the server's store is first filled, through
+``Store``, with 50 jobs of every status and, on one succeeded job, 500 candidates, its report
+(per-layer table), checkpoint and plots; then each client loads what a person's browser loads,
+again and again: the jobs page (``/ui``, its script, ``GET /jobs?limit=50``, ``GET /models``)
+and that job's page (``/ui/jobs/{id}``, its script, ``GET /jobs/{id}``, its candidates and its
+artifacts), pausing ``--pause`` seconds between requests. Target: p99 under 200 ms for each.
 
 Without ``--url`` it starts ``tsptq serve --api-only`` itself on a free port (SQLite in a
 temporary directory, no dispatcher: submitted jobs stay queued) and stops it afterwards. With
@@ -39,6 +47,16 @@ JOB = {"model": "digits_vit", "data": {"calib_size": 8, "val_size": 32, "test_li
        "artifacts": {"plots": False}}
 ENDPOINTS = ("POST /jobs", "GET /jobs/{id}", "GET /jobs")
 TARGET_P99_MS = 100.0  # GET /jobs/{id}
+# What the dashboard's two pages fetch (api/ui/jobs.js, api/ui/job.js), in that order.
+DASHBOARD_CALLS = (
+    ("GET /ui", "/ui"), ("GET /ui/static/jobs.js", "/ui/static/jobs.js"),
+    ("GET /jobs", "/jobs?limit=50"), ("GET /models", "/models?limit=100"),
+    ("GET /ui/jobs/{id}", "/ui/jobs/{id}"), ("GET /ui/static/job.js", "/ui/static/job.js"),
+    ("GET /jobs/{id}", "/jobs/{id}"), ("GET /jobs/{id}/candidates", "/jobs/{id}/candidates"),
+    ("GET /jobs/{id}/artifacts", "/jobs/{id}/artifacts"))
+DASHBOARD_ENDPOINTS = tuple(name for name, _ in DASHBOARD_CALLS)
+DASHBOARD_TARGET_P99_MS = 200.0
+DASHBOARD_JOBS, DASHBOARD_CANDIDATES = 50, 500
 
 
 @dataclass
@@ -116,6 +134,99 @@ async def run_load(url: str, clients: int, seconds: float, polls: int, pause: fl
     return stats, time.monotonic() - t0
 
 
+async def dashboard_loop(client: httpx.AsyncClient, job_id: str, deadline: float, pause: float,
+                         stats: Stats, start_delay: float) -> None:
+    await asyncio.sleep(start_delay)
+    async with client:
+        while True:
+            for endpoint, url in DASHBOARD_CALLS:
+                if time.monotonic() >= deadline:
+                    return
+                await _call(client, stats, endpoint, "GET", url.replace("{id}", job_id), 200)
+                if pause > 0:
+                    await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+
+async def run_dashboard(url: str, clients: int, seconds: float, pause: float, job_id: str,
+                        token: str | None) -> tuple[Stats, float]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    stats = Stats()
+    pool = [httpx.AsyncClient(base_url=url, headers=headers, timeout=30) for _ in range(clients)]
+    t0 = time.monotonic()
+    await asyncio.gather(*(dashboard_loop(c, job_id, t0 + seconds, pause, stats,
+                                          pause * k / clients) for k, c in enumerate(pool)))
+    return stats, time.monotonic() - t0
+
+
+def seed_dashboard(db_url: str, jobs: int = DASHBOARD_JOBS,
+                   candidates: int = DASHBOARD_CANDIDATES) -> str:
+    """Fill the store at ``db_url`` as a busy service's would be: ``jobs`` jobs (a fifth of them
+    succeeded, then running, failed, cancelled, queued) and, on the first succeeded one,
+    ``candidates`` candidates, a report with a per-layer table, a checkpoint and plots, all
+    real rows written through ``Store``. Returns that job's id."""
+    import random
+
+    from service.jobspec import JobSpec
+    from service.store import Store
+
+    rng = random.Random(0)
+    store = Store.from_url(db_url)
+    layers = [f"blocks.{b}.{q}" for b in range(12) for q in (
+        "norm1.input_q", "attn.qkv.input_q", "attn.qkv.weight_q", "attn.a_q", "attn.proj.input_q",
+        "norm2.input_q", "mlp.fc2.input_q")]
+    request = JobSpec.model_validate({"search": {"strategy": "greedy", "budget_weight_bits": 6,
+                                                 "budget_activation_bits": 6}}).model_dump()
+    result = {"top1": 0.9833, "fp32_top1": 0.9861, "agreement": 0.9917, "kl": 0.0012,
+              "size_bytes": 209_000, "fp32_size_bytes": 856_000, "compression": 4.1,
+              "search": {"key": "0" * 16, "costs": {"weight_bits": 5.9, "activation_bits": 5.9},
+                         "message": "stopped by budget"}}
+    statuses = ["succeeded", "running", "failed", "cancelled", "queued"]
+    per_status = jobs // len(statuses)
+    main_id = None
+    try:
+        for status in statuses:
+            for _ in range(per_status if status != "queued" else jobs - 4 * per_status):
+                job = store.create_job(request)
+                if status == "queued":
+                    continue
+                store.claim_next("bench")
+                if status == "running":
+                    store.set_progress(job.id, rng.randrange(300), 321, "search")
+                elif status == "failed":
+                    store.fail(job.id, "bench: a failed job", {"total_s": 1.0})
+                elif status == "cancelled":
+                    store.mark_cancelled(job.id)
+                else:
+                    if main_id is None:
+                        main_id = job.id
+                        for seq in range(candidates):
+                            bits = {n: rng.choice((4, 5, 6, 8))
+                                    for n in rng.sample(layers, rng.randrange(1, 12))}
+                            store.add_candidate(
+                                job.id, f"{seq:016x}", seq, {"bits": bits, "pinned": {}},
+                                rng.random() * 0.01, 0.95 + rng.random() * 0.05,
+                                {"weight_bits": 5 + rng.random() * 3,
+                                 "activation_bits": 5 + rng.random() * 3,
+                                 "weight_bytes": rng.randrange(150_000, 220_000),
+                                 "bitops": rng.random() * 1e9})
+                        report = {"layers": {n: {"kind": "activation", "enabled": True,
+                                                 "scheme": "v2sf", "bits": 8,
+                                                 "split_threshold": 0.25, "shift": 2,
+                                                 "fine_codes": 32} for n in layers}}
+                        store.add_artifact(job.id, "report", "report.json", "application/json",
+                                           json.dumps(report).encode())
+                        store.add_artifact(job.id, "checkpoint", "m.safetensors",
+                                           "application/octet-stream", rng.randbytes(200_000))
+                        for k in range(6):
+                            store.add_artifact(job.id, "plot", f"plots/hist_{k}.png",
+                                               "image/png", rng.randbytes(25_000))
+                    store.finish(job.id, result, {"total_s": 55.0})
+    finally:
+        store.engine.dispose()
+    assert main_id is not None
+    return main_id
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` and every process below it (Linux /proc; 0 elsewhere)."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -141,9 +252,10 @@ def cpu_seconds(pid: int) -> float:
     return sum(times.get(p, 0.0) for p in tree)
 
 
-def summarize(stats: Stats, elapsed: float) -> list[dict]:
+def summarize(stats: Stats, elapsed: float,
+              endpoints: tuple[str, ...] = ENDPOINTS) -> list[dict]:
     rows = []
-    for endpoint in ENDPOINTS:
+    for endpoint in endpoints:
         lat = stats.latencies.get(endpoint, [])
         rows.append({"endpoint": endpoint, "requests": len(lat),
                      "errors": stats.errors.get(endpoint, 0),
@@ -189,7 +301,7 @@ def serve_here(tmp: Path) -> tuple[str, subprocess.Popen]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.api_load", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--clients", type=int, help="default 50; 10 with --dashboard")
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--polls", type=int, default=4, help="GET /jobs/{id} per submitted job")
     p.add_argument("--pause", type=float, default=0.5,
@@ -201,7 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default=os.environ.get("TSPTQ_API_TOKEN"),
                    help="bearer token (default: $TSPTQ_API_TOKEN)")
     p.add_argument("--json", type=Path, help="write the rows and settings here")
+    p.add_argument("--dashboard", action="store_true",
+                   help=f"load the dashboard's pages and the JSON they fetch, with "
+                        f"{DASHBOARD_JOBS} jobs and {DASHBOARD_CANDIDATES} candidates stored")
     args = p.parse_args(argv)
+    if args.clients is None:
+        args.clients = 10 if args.dashboard else 50
+    if args.dashboard:
+        if args.url:
+            p.error("--dashboard starts its own server (it fills the store first): no --url")
+        if args.clients < 1 or args.seconds <= 0 or args.pause < 0:
+            p.error("--clients must be >= 1, --seconds > 0, --pause >= 0")
+        return main_dashboard(args)
     if args.clients < 1 or args.seconds <= 0 or args.polls < 0 or args.pause < 0:
         p.error("--clients must be >= 1, --seconds > 0, --polls >= 0, --pause >= 0")
 
@@ -251,6 +374,50 @@ def main(argv: list[str] | None = None) -> int:
             "url": args.url,
             "elapsed_s": round(elapsed, 2), "errors": errors, "rows": rows, **cpu,
             "error_examples": stats.examples}, indent=2))
+    return 0 if errors == 0 else 1
+
+
+def main_dashboard(args: argparse.Namespace) -> int:
+    from service.demo import stop_server
+
+    with tempfile.TemporaryDirectory(prefix="tsptq-dash-") as tmp:
+        url, proc = serve_here(Path(tmp))
+        try:
+            t0 = time.perf_counter()
+            job_id = seed_dashboard(f"sqlite:///{Path(tmp) / 'tsptq.db'}")
+            print(f"stored {DASHBOARD_JOBS} jobs and {DASHBOARD_CANDIDATES} candidates (on job "
+                  f"{job_id}) in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"{args.clients} clients loading the dashboard's pages for {args.seconds:g} s, "
+                  f"{args.pause:g} s between a client's requests, against {url} (tsptq serve "
+                  "--api-only, SQLite)", flush=True)
+            server_cpu0 = cpu_seconds(proc.pid)
+            stats, elapsed = asyncio.run(run_dashboard(url, args.clients, args.seconds,
+                                                       args.pause, job_id, None))
+            server_cpu = cpu_seconds(proc.pid) - server_cpu0
+        finally:
+            stop_server(proc)
+    rows = summarize(stats, elapsed, DASHBOARD_ENDPOINTS)
+    errors = sum(r["errors"] for r in rows)
+    print(table(rows))
+    worst = max(rows, key=lambda r: r["p99_ms"])
+    met = errors == 0 and worst["p99_ms"] < DASHBOARD_TARGET_P99_MS
+    print(f"\nerrors: {errors}; worst p99: {worst['p99_ms']} ms ({worst['endpoint']}); target "
+          f"< {DASHBOARD_TARGET_P99_MS:g} ms for every one: {'met' if met else 'missed'}")
+    requests = sum(r["requests"] for r in rows)
+    server_ms = round(server_cpu * 1000 / max(requests, 1), 2)
+    print(f"{requests / elapsed:.0f} requests/s; server CPU {server_ms} ms per request "
+          f"({os.cpu_count()} cores shared with the load generator)")
+    for example in stats.examples:
+        print(f"  {example}", file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "mode": "dashboard", "clients": args.clients, "seconds": args.seconds,
+            "pause_s": args.pause, "jobs": DASHBOARD_JOBS, "candidates": DASHBOARD_CANDIDATES,
+            "elapsed_s": round(elapsed, 2), "errors": errors, "rows": rows,
+            "target_p99_ms": DASHBOARD_TARGET_P99_MS, "target_met": met,
+            "server_cpu_ms_per_request": server_ms, "error_examples": stats.examples},
+            indent=2))
     return 0 if errors == 0 else 1
 
 

@@ -2,11 +2,14 @@
 (SQLite under TSPTQ_DATA_DIR, a local Ray, the bundled digits ViT), submit a job, follow its
 progress, download the quantized checkpoint (sha256 checked), load it with ``load_quantized``,
 measure it on the test split, print the result beside what the service reported, and stop the
-server."""
+server. The dashboard's URL is printed as soon as the server is up, so that a person can follow
+the job in a browser; at a terminal the server then stays up (``--keep-serving``) until Ctrl-C,
+for its page and downloads to be looked at."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -71,12 +74,15 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.data_dir:
         env["TSPTQ_DATA_DIR"] = str(args.data_dir)
     out = Path(args.out)
+    keep = keep_serving(args.keep_serving)
     server = start_server(port, env, out / "server.log")
     url = f"http://127.0.0.1:{port}"
+    stop_now = True
     try:
         with ServiceClient(url, timeout=60) as client:
             wait_healthy(client, server)
             print(f"server up at {url} (log: {out / 'server.log'})")
+            print(f"dashboard: {url}/ui", flush=True)
             spec: dict = {"model": "digits_vit"}
             if args.strategy != "none":
                 spec["search"] = {"strategy": args.strategy,
@@ -84,6 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                   "budget_activation_bits": args.budget_bits}
             job = client.submit(spec)
             print(f"submitted job {job['id']}: {spec}")
+            print(f"follow it in a browser: {url}/ui/jobs/{job['id']}", flush=True)
             progress = _Progress(True)
             try:
                 job = client.wait(job["id"], poll_s=0.5, on_progress=progress)
@@ -96,24 +103,46 @@ def run_demo(args: argparse.Namespace) -> int:
             path = client.download(ckpt, out)
             print(f"downloaded {path} ({ckpt['size'] / 1024:.0f} KiB, sha256 {ckpt['sha256']} "
                   "verified)")
+        stop_now = not keep
     finally:
-        stop_server(server)
-    print("server stopped")
-    qmodel = load_quantized(path)
-    data = digits_data()
-    model = load_model("digits_vit")
-    measured = compare(logits_of(model, data.x_test), logits_of(qmodel, data.x_test),
-                       data.y_test)
-    r = job["result"]
-    print(f"\n{'':28} {'reported':>9} {'measured':>9}")
-    print(f"{'top-1 (test split)':28} {r['top1']:9.2%} {measured.top1:9.2%}")
-    print(f"{'FP32 top-1':28} {r['fp32_top1']:9.2%} {measured.fp32_top1:9.2%}")
-    print(f"{'agreement with FP32':28} {r['agreement']:9.2%} {measured.agreement:9.2%}")
-    print(f"checkpoint {r['size_bytes'] / 1024:.0f} KiB, FP32 {r['fp32_size_bytes'] / 1024:.0f} "
-          f"KiB ({r['compression']}× smaller); job timings {job['timings']}")
-    same = abs(measured.top1 - r["top1"]) < 1e-9
-    print(f"the downloaded checkpoint reproduces the reported accuracy: {same}")
+        if stop_now:
+            stop_server(server)
+            print("server stopped")
+    try:
+        qmodel = load_quantized(path)
+        data = digits_data()
+        model = load_model("digits_vit")
+        measured = compare(logits_of(model, data.x_test), logits_of(qmodel, data.x_test),
+                           data.y_test)
+        r = job["result"]
+        print(f"\n{'':28} {'reported':>9} {'measured':>9}")
+        print(f"{'top-1 (test split)':28} {r['top1']:9.2%} {measured.top1:9.2%}")
+        print(f"{'FP32 top-1':28} {r['fp32_top1']:9.2%} {measured.fp32_top1:9.2%}")
+        print(f"{'agreement with FP32':28} {r['agreement']:9.2%} {measured.agreement:9.2%}")
+        print(f"checkpoint {r['size_bytes'] / 1024:.0f} KiB, FP32 "
+              f"{r['fp32_size_bytes'] / 1024:.0f} KiB ({r['compression']}× smaller); job "
+              f"timings {job['timings']}")
+        same = abs(measured.top1 - r["top1"]) < 1e-9
+        print(f"the downloaded checkpoint reproduces the reported accuracy: {same}")
+        if keep:
+            print(f"\nthe server stays up for the dashboard: {url}/ui/jobs/{job['id']} (its "
+                  "downloads are there); Ctrl-C stops it", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while server.poll() is None:
+                    time.sleep(0.5)
+    finally:
+        if keep:
+            stop_server(server)
+            print("server stopped")
     return 0 if same else 1
+
+
+def keep_serving(choice: bool | None) -> bool:
+    """``--keep-serving``/``--no-keep-serving``; unset: keep it when a person is at a terminal
+    (stdin and stdout are TTYs), never in scripts and CI, where the demo must end."""
+    if choice is not None:
+        return choice
+    return sys.stdin.isatty() and sys.stdout.isatty()
 
 
 def register(sub) -> None:
@@ -125,4 +154,7 @@ def register(sub) -> None:
     d.add_argument("--strategy", default="none",
                    choices=("none", "greedy", "thresholds", "evolutionary"))
     d.add_argument("--budget-bits", type=float, default=4.5)
+    d.add_argument("--keep-serving", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the job, keep the server (and its dashboard) up until Ctrl-C "
+                        "(default: when run at a terminal)")
     d.set_defaults(func=run_demo)

@@ -290,6 +290,13 @@ class Store:
             return list(s.scalars(select(Candidate).where(Candidate.job_id == job_id)
                                   .order_by(Candidate.seq, Candidate.id)).all())
 
+    def candidate_count(self, job_id: str) -> int:
+        """How many candidates the job has: candidates are only ever added, so the count
+        tells whether a copy of them is current."""
+        with self._tx() as s:
+            return s.scalar(select(func.count()).select_from(Candidate)
+                            .where(Candidate.job_id == job_id)) or 0
+
     def candidate_scores(self, job_id: str) -> dict[str, tuple[float, float]]:
         """``{key: (kl, agreement)}``: what a resumed search need not evaluate again."""
         with self._tx() as s:
@@ -372,6 +379,15 @@ class Store:
     def get_model(self, model_id: str) -> UploadedModel | None:
         with self._tx() as s:
             return s.get(UploadedModel, model_id)
+
+    def list_models(self, limit: int = 100) -> list[UploadedModel]:
+        """The newest uploads (the dashboard's form offers them as weights)."""
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        with self._tx() as s:
+            return list(s.scalars(select(UploadedModel)
+                                  .order_by(UploadedModel.created_at.desc(),
+                                            UploadedModel.id.desc()).limit(limit)).all())
 
     def iter_model(self, model_id: str) -> Iterator[bytes]:
         """The model file's bytes, chunk by chunk. Raises ``NotFound`` now, not when iterated."""

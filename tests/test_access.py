@@ -3,6 +3,9 @@ the schema itself and unknown paths) answers 401 without the token or with a wro
 nothing happens (every table compared before and after); ``/healthz`` stays open; the right
 token opens every route. The token is compared in constant time (``hmac.compare_digest``).
 
+The dashboard's shell (``/``, a redirect, and ``/ui...``: HTML, JavaScript, CSS) is open and
+carries no job data: its pages fetch that from the API with the token.
+
 ``test_api.test_auth`` covers the basics on both databases; ``test_bad_input`` runs the whole
 schema with the token through schemathesis, whose ``ignored_auth`` check re-sends accepted
 requests without it and with a wrong one.
@@ -80,8 +83,9 @@ def _auth(value: bytes | None) -> dict:
 def test_every_route_refused_without_the_right_token(guarded):
     client, store, schema, values = guarded
     requests = _requests(schema, values)
-    assert len(requests) == 10
+    assert len(requests) == 11
     requests += [("GET", "/docs", {}), ("GET", "/openapi.json", {}), ("GET", "/nowhere", {}),
+                 ("GET", "/uix", {}), ("GET", "/ui-jobs", {}), ("GET", "/static/jobs.js", {}),
                  ("OPTIONS", "/jobs", {}), ("HEAD", f"/jobs/{values['job_id']}", {})]
     before = snapshot(store)
     refused = 0
@@ -141,3 +145,61 @@ def test_token_compared_in_constant_time(guarded, monkeypatch):
     assert client.get("/jobs", headers={"Authorization": RIGHT}).status_code == 200
     assert client.get("/jobs", headers={"Authorization": b"Bearer nope"}).status_code == 401
     assert calls == [(bytes, bytes)] * 2  # every comparison, right or wrong, goes through it
+
+
+SHELL = ["/ui", "/ui/", "/ui/jobs/{job_id}", "/ui/jobs/{done_id}", "/ui/jobs/nonsense",
+         "/ui/static/common.js", "/ui/static/jobs.js", "/ui/static/job.js",
+         "/ui/static/chart.js", "/ui/static/style.css"]
+
+
+def test_dashboard_shell_is_open_and_carries_no_job_data(guarded):
+    """Without the token the shell loads (so that it can ask for the token), and nothing in it
+    comes from the store: the same bytes with and without the token, and none of the stored
+    jobs' ids, requests or results, the artifact's or the upload's id or name."""
+    client, store, _, values = guarded
+    secret = store.create_job({"model": "secret-model-7f3a", "quant": {"w_bits": 5}})
+    store.claim_next("w")
+    store.finish(secret.id, {"top1": 0.123456, "note": "result-marker-91"}, {})
+    done_id = next(j.id for j in store.list_jobs("succeeded")[0] if j.id != secret.id)
+    ids = {**values, "done_id": done_id}
+    private = [secret.id, done_id, values["job_id"], values["artifact_id"], values["model_id"],
+               "secret-model-7f3a", "0.123456", "result-marker-91", "m.safetensors"]
+    seen = set()
+    for path in SHELL:
+        url = path.format(**ids)
+        for header in (None, b"Bearer wrong", RIGHT):
+            r = client.get(url, headers=_auth(header), follow_redirects=False)
+            if url == "/ui/":  # not a page: the router's redirect to /ui, open all the same
+                assert r.status_code == 307 and r.headers["location"].endswith("/ui")
+                continue
+            assert r.status_code == 200, (url, header, r.status_code)
+            assert not any(p in r.text for p in private), url
+            assert "default-src 'none'" in r.headers["content-security-policy"]
+            seen.add((url, r.content))
+    assert len(seen) == len(SHELL) - 1  # each file the same whoever asks
+    # The pages take nothing from elsewhere: every script and stylesheet is the package's own.
+    for page in ("/ui", f"/ui/jobs/{done_id}"):
+        html = client.get(page).text
+        assert "http://" not in html and "https://" not in html
+        assert re.findall(r'src="([^"]+)"', html) == [
+            "/ui/static/jobs.js" if page == "/ui" else "/ui/static/job.js"]
+    assert client.get("/ui/static/jobs.html").status_code == 404  # only via its route
+    assert client.get("/ui/static/../../jobs").status_code == 401  # normalised: /jobs
+
+
+def test_root_redirects_to_the_dashboard(guarded):
+    client = guarded[0]
+    for header in (None, b"Bearer wrong", RIGHT):
+        r = client.get("/", headers=_auth(header), follow_redirects=False)
+        assert r.status_code == 307 and r.headers["location"] == "/ui"
+        assert r.content == b""  # nothing but the redirect
+
+
+def test_the_api_behind_the_dashboard_still_needs_the_token(guarded):
+    """What the pages fetch: every one 401 without the token, 200 with it."""
+    client, _, _, values = guarded
+    calls = ["/jobs?limit=50", f"/jobs/{values['job_id']}", f"/jobs/{values['job_id']}/candidates",
+             "/models?limit=100", f"/artifacts/{values['artifact_id']}"]
+    for url in calls:
+        assert client.get(url).status_code == 401, url
+        assert client.get(url, headers={"Authorization": RIGHT}).status_code == 200, url

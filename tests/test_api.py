@@ -157,6 +157,39 @@ def test_candidates(client, store):
     assert r.status_code == 404 and "no job" in _detail(r)
 
 
+def test_a_finished_jobs_candidates_are_served_from_memory_and_stay_current(client, store):
+    """Cached once the job is final, under its candidate count: a candidate that arrives late
+    (a dispatcher that lost the job still reporting) shows all the same."""
+    from api.routes import jobs as jobs_route
+
+    job_id = client.post("/jobs", json={}).json()["id"]
+    store.claim_next("w")
+    store.add_candidate(job_id, "a", 0, {"bits": {}}, 0.1, 0.9, {"weight_bits": 8})
+    assert store.finish(job_id, {"top1": 1.0}, {})
+    before = len(jobs_route._candidate_bodies)
+    first = client.get(f"/jobs/{job_id}/candidates")
+    assert first.headers["content-type"] == "application/json"
+    assert len(jobs_route._candidate_bodies) == before + 1
+    assert client.get(f"/jobs/{job_id}/candidates").content == first.content
+    assert len(jobs_route._candidate_bodies) == before + 1  # the same body, not made again
+    store.add_candidate(job_id, "b", 1, {"bits": {}}, 0.2, 0.8, {"weight_bits": 6})
+    assert [c["key"] for c in client.get(f"/jobs/{job_id}/candidates").json()] == ["a", "b"]
+
+
+def test_body_cache_is_bounded_in_bytes():
+    from api.cache import BodyCache
+
+    cache = BodyCache(max_bytes=10)
+    assert cache.get("a", lambda: b"12345") == b"12345"
+    assert cache.get("a", lambda: b"other") == b"12345"  # made once
+    cache.get("b", lambda: b"123")
+    cache.get("a", lambda: b"")  # a is now the most recently used
+    cache.get("c", lambda: b"1234")  # 12 bytes: b, the least recently used, goes
+    assert cache.get("b", lambda: b"new") == b"new" and len(cache) <= 3
+    assert cache.get("huge", lambda: b"x" * 11) == b"x" * 11  # larger than the cache: not kept
+    assert cache.get("huge", lambda: b"y") == b"y"
+
+
 def test_cancel(client, store):
     running, done, ended, queued = (client.post("/jobs", json={}).json()["id"] for _ in range(4))
     assert [store.claim_next("w").id for _ in range(3)] == [running, done, ended]
@@ -331,6 +364,22 @@ def test_upload_model_and_use_it(client, store):
         assert r.status_code == 404 and "no uploaded model" in _detail(r)
 
 
+def test_list_uploaded_models(client, store):
+    """What the dashboard's submit form offers as weights: newest first, ``limit`` at most."""
+    assert client.get("/models").json() == []
+    ids = []
+    for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+        r = client.post("/models", params={"name": name}, content=_safetensors(),
+                        headers={"content-type": "application/octet-stream"})
+        ids.append(r.json()["id"])
+    listed = client.get("/models").json()
+    assert [m["id"] for m in listed] == ids[::-1]
+    assert listed[0]["weights"] == f"model:{ids[2]}" and listed[0]["name"] == "c.safetensors"
+    assert [m["id"] for m in client.get("/models", params={"limit": 2}).json()] == ids[:0:-1]
+    for bad in (0, 501, "x"):
+        assert client.get("/models", params={"limit": bad}).status_code == 422
+
+
 def test_upload_refused(client, store):
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(2)}, buf)
@@ -452,7 +501,7 @@ def test_database_unreachable(url, tmp_path):
     with TestClient(app) as client:  # the lifespan disposes the engine
         for method, path, body in [("GET", "/healthz", None), ("GET", "/jobs", None),
                                    ("POST", "/jobs", {}), ("GET", f"/jobs/{UNKNOWN}", None),
-                                   ("POST", "/models", None)]:
+                                   ("POST", "/models", None), ("GET", "/models", None)]:
             content = _safetensors() if path == "/models" else None
             r = client.request(method, path, json=body, content=content)
             assert r.status_code == 503, (path, r.text)
@@ -468,7 +517,8 @@ def test_openapi(client):
                    ("/jobs/{job_id}", "get"), ("/jobs/{job_id}", "delete"),
                    ("/jobs/{job_id}/candidates", "get"), ("/jobs/{job_id}/artifacts", "get"),
                    ("/artifacts/{artifact_id}", "get"), ("/models", "post"),
-                   ("/models/{model_id}", "get")}
+                   ("/models", "get"), ("/models/{model_id}", "get")}
+    # The dashboard's shell (/, /ui...) is not part of the API.
     for (path, method) in ops:
         codes = schema["paths"][path][method]["responses"]
         assert "503" in codes, (path, method)

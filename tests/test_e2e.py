@@ -72,5 +72,44 @@ def test_demo_command(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "reproduces the reported accuracy: True" in out.stdout
-    assert "server stopped" in out.stdout
+    assert "dashboard: http://127.0.0.1:" in out.stdout  # printed while the job runs
+    assert "server stopped" in out.stdout and "stays up" not in out.stdout  # no terminal
     assert list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_demo_keeps_serving_for_the_dashboard(tmp_path):
+    """``make run`` at a terminal: after the job the server stays up, its dashboard page and
+    downloads answer, and Ctrl-C (SIGINT) stops it in order."""
+    import signal
+
+    import httpx
+
+    env = {**os.environ, "TSPTQ_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "demo", "--keep-serving",
+                             "--out", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "the server stays up for the dashboard:" in line:
+                break
+        page = line.split("dashboard: ", 1)[1].split()[0]
+        assert "/ui/jobs/" in page, lines
+        base, job_id = page.split("/ui/jobs/")
+        assert f"follow it in a browser: {page}\n" in lines
+        assert httpx.get(page).status_code == 200
+        artifacts = httpx.get(f"{base}/jobs/{job_id}/artifacts").json()
+        ckpt = next(a for a in artifacts if a["kind"] == "checkpoint")
+        assert hashlib.sha256(httpx.get(base + ckpt["url"]).content).hexdigest() == \
+            ckpt["sha256"]
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "server stopped" in rest
+    with pytest.raises(httpx.TransportError):
+        httpx.get(page, timeout=2)

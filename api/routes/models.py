@@ -177,6 +177,14 @@ async def upload_model(
     return ModelOut.from_model(model)
 
 
+@router.get("", response_model=list[ModelOut], responses=responses(422, 503),
+            summary="Uploaded models, newest first")
+def list_models(store: StoreDep,
+                limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[ModelOut]:
+    """What a job can name as ``weights`` (the dashboard's submit form lists them)."""
+    return [ModelOut.from_model(m) for m in store.list_models(limit)]
+
+
 @router.get("/{model_id}", response_model=ModelOut, responses=responses(404, 422, 503),
             summary="An uploaded model")
 def get_model(model_id: str, store: StoreDep) -> ModelOut:
