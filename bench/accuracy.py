@@ -182,6 +182,38 @@ def run_ablations(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tenso
     return rows
 
 
+ROUNDINGS = ("nearest", "gptq")
+ROUNDING_SETTINGS = ("full", "partial", "integer")
+ROUNDING_COLUMNS = ["method", "setting", "w_bits", "a_bits", "weight_rounding", "val_agreement",
+                    "val_kl", "top1", "agreement", "kl", "calib_s"]
+
+
+def run_rounding(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
+                 metric: str, methods=METHODS, widths=WIDTHS) -> list[dict]:
+    """Every method, setting and width with nearest and with GPTQ weight rounding, scored on
+    the validation images (the choice) and on the test split (reported only): the same
+    rounding under every method, so the comparison still isolates the activation quantizers."""
+    fp_val = logits_of(model, data.x_val)
+    rows = []
+    grid = [(m, s, w, r) for s in ROUNDING_SETTINGS for w in widths for m in methods
+            for r in ROUNDINGS]
+    for method, setting, (wb, ab), rounding in tqdm(grid, desc="weight rounding",
+                                                    file=sys.stderr):
+        cfg = QuantConfig(method=method, setting=setting, w_bits=wb, a_bits=ab, metric=metric,
+                          weight_rounding=rounding)
+        try:
+            row, _, qmodel = quantize_and_score(model, data, fp_logits, cfg)
+        except NO_PROGRAM as e:
+            rows.append({"method": method, "setting": setting, "weight_rounding": rounding,
+                         **no_program_row(cfg, e, ("top1", "agreement", "kl"))})
+            continue
+        val = compare(fp_val, logits_of(qmodel, data.x_val), fp_val.argmax(-1))
+        rows.append({"method": method, "setting": setting, "weight_rounding": rounding,
+                     "val_agreement": round(val.agreement, 4), "val_kl": float(f"{val.kl:.3g}"),
+                     **row})
+    return rows
+
+
 def deit_calibration_seconds(device: str) -> list[dict]:
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval().to(device)
@@ -195,10 +227,16 @@ def deit_calibration_seconds(device: str) -> list[dict]:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds[setting] = time.perf_counter() - start
-        out.append({"model": "deit_tiny_patch16_224", "method": method,
-                    "calib_s": round(seconds["full"], 1),
-                    "integer_calib_s": round(seconds["integer"], 1),
-                    "integer_ratio": round(seconds["integer"] / seconds["full"], 2)})
+        row = {"model": "deit_tiny_patch16_224", "method": method,
+               "calib_s": round(seconds["full"], 1),
+               "integer_calib_s": round(seconds["integer"], 1),
+               "integer_ratio": round(seconds["integer"] / seconds["full"], 2)}
+        if method == "tsptq":  # GPTQ's cost, side by side with the same run's full setting
+            start = time.perf_counter()
+            quantize(model, images, QuantConfig(weight_rounding="gptq"))
+            row["gptq_calib_s"] = round(time.perf_counter() - start, 1)
+            row["gptq_ratio"] = round(row["gptq_calib_s"] / seconds["full"], 2)
+        out.append(row)
     return out
 
 
@@ -217,6 +255,8 @@ def write_json(path: Path, out: dict, checks: list[tuple[str, bool]]) -> None:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
+    """A markdown table; a row without a column (a refused configuration's metrics) shows -."""
+    rows = [{c: "-" if r.get(c) is None else r[c] for c in cols} for r in rows]
     widths = [max([len(c), *(len(str(r[c])) for r in rows)]) for c in cols]
 
     def line(vals: list) -> str:
@@ -320,12 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", nargs="+", default=[f"{w}/{a}" for w, a in WIDTHS],
                    metavar="W/A", help="a subset of " + ", ".join(f"{w}/{a}" for w, a in WIDTHS))
     p.add_argument("--skip-ablations", action="store_true", help="skip the ablation table")
+    p.add_argument("--skip-rounding", action="store_true",
+                   help="skip the nearest-against-GPTQ weight rounding table")
+    p.add_argument("--val-size", type=int, default=512,
+                   help="validation images (training images that are not calibration images) "
+                        "for the weight rounding table")
     args = p.parse_args(argv)
     widths = _widths(args.widths)
 
     torch.set_num_threads(1)  # calibration seconds are reported for one thread
     model = load_model(args.model, args.weights)
-    data = digits_data() if args.data is None else image_folder_data(args.data, model)
+    data = (digits_data(val_size=args.val_size) if args.data is None
+            else image_folder_data(args.data, model, val_size=args.val_size))
     model = model.to(args.device)
     fp_logits = logits_of(model, data.x_test)
     rows, sqnr_rows, integer = run_grid(model, data, fp_logits, args.metric, args.settings,
@@ -347,11 +393,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## Ablations (fully quantized)\n")
         print(table(ablations, ["variant", "w_bits", "a_bits", "top1", "agreement", "kl",
                                 *(f"{k}_sqnr" for k in SQNR_KINDS[:4])]))
+    rounding = [] if args.skip_rounding else run_rounding(model, data, fp_logits, args.metric,
+                                                          args.methods, widths)
+    if rounding:
+        print(f"\n## Weight rounding: nearest and GPTQ ({len(data.x_val)} validation images "
+              "choose; test reported)\n")
+        print(table(rounding, ROUNDING_COLUMNS))
     deit = [] if args.skip_deit else deit_calibration_seconds(args.device)
     if deit:
         print("\n## Calibration seconds, deit_tiny_patch16_224 (random weights), 32 images, "
               f"224x224, W8A8, full and integer, on {args.device} (one CPU thread)\n")
-        print(table(deit, ["model", "method", "calib_s", "integer_calib_s", "integer_ratio"]))
+        print(table(deit, ["model", "method", "calib_s", "integer_calib_s", "integer_ratio",
+                     "gptq_calib_s", "gptq_ratio"]))
     full_grid = set(args.methods) == set(METHODS) and set(widths) == set(WIDTHS)
     checks = []
     if args.data is None and full_grid and "full" in args.settings:
@@ -369,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print_targets(checks)
     if args.json:
         write_json(args.json, {"rows": rows, "sqnr": sqnr_rows, "ablations": ablations,
+                               "weight_rounding": rounding,
                                "deit_calibration": deit, "integer_kernels": integer["kernels"],
                                "integer_layers": integer["layers"]}, checks)
     return 0

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from bench.accuracy import (
     NO_PROGRAM,
+    ROUNDINGS,
     integer_details,
     no_program_row,
     print_integer_tables,
@@ -195,6 +196,33 @@ def calibration_draws(model: torch.nn.Module, fp: torch.Tensor, args) -> list[di
     return rows
 
 
+ROUNDING_CALIB_SIZES = (32, 128)
+ROUNDING_COLUMNS = ["calib_size", "w_bits", "a_bits", "weight_rounding", "val_cosine",
+                    "val_nn_agreement", "val_kl", "cosine", "nn_agreement", "nn_at_128", "kl",
+                    "calib_s"]
+
+
+def rounding_rows(model: torch.nn.Module, args) -> list[dict]:
+    """tsptq, fully quantized, every width, nearest and GPTQ weight rounding, with 32 and 128
+    calibration texts (GPTQ's XᵀX of a 1536-wide layer from 32 short texts' ~600 tokens
+    over-fits them), scored on the validation texts (the choice) and the test texts (reported
+    only)."""
+    rows = []
+    grid = [(n, w, r) for n in ROUNDING_CALIB_SIZES for w in WIDTHS for r in ROUNDINGS]
+    for n, (wb, ab), rounding in tqdm(grid, desc="weight rounding", file=sys.stderr):
+        data = text_data(calib_size=n, val_size=args.val_size, test_limit=args.test_limit)
+        fp_val, fp = embeddings_of(model, data.x_val), embeddings_of(model, data.x_test)
+        cfg = QuantConfig(w_bits=wb, a_bits=ab, metric=args.metric, calib_size=n,
+                          weight_rounding=rounding)
+        row, _, qmodel = measure(model, data, fp, cfg)
+        val = compare_embeddings(fp_val, embeddings_of(qmodel, data.x_val))
+        rows.append({"calib_size": n, "weight_rounding": rounding,
+                     "val_cosine": round(val.cosine, 4),
+                     "val_nn_agreement": round(val.nn_agreement, 4),
+                     "val_kl": float(f"{val.kl:.3g}"), **row})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the rows here")
@@ -208,10 +236,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=0, metavar="K",
                    help="also tsptq W8A8, with and without [CLS]'s own quantizers, for K "
                         "calibration draws (seeds 0..K-1): how much the agreement moves")
+    p.add_argument("--rounding", choices=("skip", "also", "only"), default="also",
+                   help="the table of nearest against GPTQ weight rounding: skip it, add it "
+                        "(default), or print only it")
+    p.add_argument("--val-size", type=int, default=256,
+                   help="validation texts that score the weight rounding table")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
     model = load_model("minilm")
+    if args.rounding == "only":
+        rounding = rounding_rows(model, args)
+        print("\n## MiniLM weight rounding: nearest and GPTQ (tsptq, fully quantized; "
+              f"{args.val_size} validation texts choose, test reported)\n")
+        print(table(rounding, ROUNDING_COLUMNS))
+        if args.json:
+            write_json(args.json, {"weight_rounding": rounding}, [])
+        return 0
     data = text_data(test_limit=args.test_limit)
     fp = embeddings_of(model, data.x_test)
     n_test = len(data.test_texts)
@@ -305,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## tsptq W8A8 over {args.draws} calibration draws\n")
         print(table(draws, ["seed", "first_token_scale", "cosine", "nn_agreement", "nn_at_128",
                             "kl"]))
+    rounding = rounding_rows(model, args) if args.rounding == "also" else []
+    if rounding:
+        print("\n## Weight rounding: nearest and GPTQ (tsptq, fully quantized; "
+              f"{args.val_size} validation texts choose, test reported)\n")
+        print(table(rounding, ROUNDING_COLUMNS))
     checks = []
     if set(args.methods) == set(METHODS) and "full" in args.settings:
         checks = check_targets(rows, sqnr_rows)
@@ -319,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                                "integer_kernels": integer["kernels"],
                                "integer_layers": integer["layers"],
                                "integer_skipped": unsupported,
+                               "weight_rounding": rounding,
                                "corpus_digest": data.corpus_digest}, checks)
     return 0
 

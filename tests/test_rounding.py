@@ -8,9 +8,11 @@ from conftest import FAST
 
 from quant import Calibrator, QuantConfig, load_quantized, quantize, save_quantized
 from quant.calibrate import integer_parameters
+from quant.evaluate import compare, logits_of
 from quant.integer import IntegerEngine
 from quant.modules import QConv2d, QWeighted
 from quant.rounding import gptq_round, inverse_hessian_factor
+from quant.zoo.data import digits_data
 from quant.zoo.models import load_model
 from quant.zoo.text import text_data
 
@@ -70,12 +72,15 @@ def test_gptq_changes_codes_not_the_format(pair, images, tmp_path):
     assert torch.equal(load_quantized(b)(images), gptq(images))
 
 
-def test_gptq_lowers_the_output_error_on_images_it_did_not_see(tiny_vit, pair):
-    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        fp = tiny_vit(x)
-        err = {r: float(((q(x) - fp) ** 2).mean()) for r, q in pair.items()}
-    assert err["gptq"] < err["nearest"], err
+def test_gptq_lowers_the_error_on_images_it_did_not_see():
+    """The digits ViT at W4A8, where the 4-bit weights make most of the error: on validation
+    images (training images that are not calibration images) GPTQ's KL to FP32 is a fraction
+    of nearest rounding's (measured 1.4e-4 against 6.0e-4 on 512 of them)."""
+    model, data = load_model("digits_vit"), digits_data(val_size=128)
+    fp = logits_of(model, data.x_val)
+    kl = {r: compare(fp, logits_of(quantize(model, data.calib, QuantConfig(
+        w_bits=4, weight_rounding=r)), data.x_val), fp.argmax(-1)).kl for r in ("nearest", "gptq")}
+    assert kl["gptq"] < 0.5 * kl["nearest"], kl
 
 
 def test_the_patch_embedding_rounds_on_its_unfolded_inputs(pair):
