@@ -214,6 +214,30 @@ def run_rounding(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor
     return rows
 
 
+# What the code offers for the partial setting's post-LayerNorm activations (the inputs of qkv
+# and fc1), each with both weight roundings: the partial defaults are chosen on these rows'
+# validation columns.
+PARTIAL_VARIANTS = (("per-tensor (default)", {}), ("O-2SF", {"post_ln_two_scale": True}),
+                    ("RepQ-ViT reparam", {"post_ln_reparam": True}))
+
+
+def run_partial_variants(model: torch.nn.Module, data: EvalData, fp_logits: torch.Tensor,
+                         metric: str, widths=WIDTHS) -> list[dict]:
+    fp_val = logits_of(model, data.x_val)
+    rows = []
+    grid = [(v, w, r) for w in widths for v in PARTIAL_VARIANTS for r in ROUNDINGS]
+    for (name, change), (wb, ab), rounding in tqdm(grid, desc="partial variants",
+                                                   file=sys.stderr):
+        cfg = QuantConfig(setting="partial", w_bits=wb, a_bits=ab, metric=metric,
+                          weight_rounding=rounding, **change)
+        row, _, qmodel = quantize_and_score(model, data, fp_logits, cfg)
+        val = compare(fp_val, logits_of(qmodel, data.x_val), fp_val.argmax(-1))
+        rows.append({"post_ln": name, "weight_rounding": rounding,
+                     "val_agreement": round(val.agreement, 4), "val_kl": float(f"{val.kl:.3g}"),
+                     **row})
+    return rows
+
+
 def deit_calibration_seconds(device: str) -> list[dict]:
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval().to(device)
@@ -399,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## Weight rounding: nearest and GPTQ ({len(data.x_val)} validation images "
               "choose; test reported)\n")
         print(table(rounding, ROUNDING_COLUMNS))
+    partial = ([] if args.skip_rounding or "tsptq" not in args.methods
+               else run_partial_variants(model, data, fp_logits, args.metric, widths))
+    if partial:
+        print("\n## tsptq, partial setting: post-LayerNorm activations and weight rounding "
+              f"({len(data.x_val)} validation images choose; test reported)\n")
+        print(table(partial, ["post_ln", "w_bits", "a_bits", "weight_rounding", "val_agreement",
+                              "val_kl", "top1", "agreement", "kl", "calib_s"]))
     deit = [] if args.skip_deit else deit_calibration_seconds(args.device)
     if deit:
         print("\n## Calibration seconds, deit_tiny_patch16_224 (random weights), 32 images, "
@@ -422,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         print_targets(checks)
     if args.json:
         write_json(args.json, {"rows": rows, "sqnr": sqnr_rows, "ablations": ablations,
-                               "weight_rounding": rounding,
+                               "weight_rounding": rounding, "partial_variants": partial,
                                "deit_calibration": deit, "integer_kernels": integer["kernels"],
                                "integer_layers": integer["layers"]}, checks)
     return 0

@@ -196,19 +196,19 @@ def calibration_draws(model: torch.nn.Module, fp: torch.Tensor, args) -> list[di
     return rows
 
 
-ROUNDING_CALIB_SIZES = (32, 128)
+ROUNDING_CALIB_SIZES = (32, 128, 256)
 ROUNDING_COLUMNS = ["calib_size", "w_bits", "a_bits", "weight_rounding", "val_cosine",
                     "val_nn_agreement", "val_kl", "cosine", "nn_agreement", "nn_at_128", "kl",
                     "calib_s"]
 
 
 def rounding_rows(model: torch.nn.Module, args) -> list[dict]:
-    """tsptq, fully quantized, every width, nearest and GPTQ weight rounding, with 32 and 128
-    calibration texts (GPTQ's XᵀX of a 1536-wide layer from 32 short texts' ~600 tokens
-    over-fits them), scored on the validation texts (the choice) and the test texts (reported
-    only)."""
+    """tsptq, fully quantized, every width, nearest and GPTQ weight rounding, with
+    ``args.rounding_calib_sizes`` calibration texts (GPTQ's XᵀX of a 1536-wide layer from 32
+    short texts' ~600 tokens over-fits them), scored on the validation texts (the choice) and
+    the test texts (reported only)."""
     rows = []
-    grid = [(n, w, r) for n in ROUNDING_CALIB_SIZES for w in WIDTHS for r in ROUNDINGS]
+    grid = [(n, w, r) for n in args.rounding_calib_sizes for w in WIDTHS for r in ROUNDINGS]
     for n, (wb, ab), rounding in tqdm(grid, desc="weight rounding", file=sys.stderr):
         data = text_data(calib_size=n, val_size=args.val_size, test_limit=args.test_limit)
         fp_val, fp = embeddings_of(model, data.x_val), embeddings_of(model, data.x_test)
@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounding", choices=("skip", "also", "only"), default="also",
                    help="the table of nearest against GPTQ weight rounding: skip it, add it "
                         "(default), or print only it")
+    p.add_argument("--rounding-calib-sizes", type=int, nargs="+",
+                   default=list(ROUNDING_CALIB_SIZES), metavar="N",
+                   help="calibration texts of the weight rounding table's rows")
     p.add_argument("--val-size", type=int, default=256,
                    help="validation texts that score the weight rounding table")
     args = p.parse_args(argv)

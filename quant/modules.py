@@ -252,7 +252,7 @@ class QWeighted(QuantModule):
         if "w" not in self.stats or not self.weight_q.calibrated:
             return {}
         return {"weight_codes": self.weight_q.codes(self.weight.detach()).to(
-            torch.uint8 if self.weight_q.bits <= 8 else torch.int16)}
+            torch.uint8 if self.weight_q.bits <= 8 else torch.int32)}
 
     def restore_calibration_extras(self, extras: dict[str, Tensor]) -> None:
         with torch.no_grad():
@@ -282,7 +282,7 @@ class QWeighted(QuantModule):
         lo, hi = w2.amin(1), w2.amax(1)
         searched = q.scale.clone()
         scales = [searched]
-        for a in self.GPTQ_ALPHAS:
+        for a in () if "alpha" in q.restrict else self.GPTQ_ALPHAS:  # a pinned clipping stays
             q.set_from_range(lo, hi, a)
             scales.append(q.scale.clone())
         s = torch.cat(scales)

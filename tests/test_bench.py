@@ -152,3 +152,21 @@ def test_deploy_bench_rows_and_targets(tmp_path):
     assert extra["profile"]["tsptq_fast"]["v2sf_ms"] > 0
     names = {name for name, _, _ in targets(rows)}
     assert "digits tsptq_fast: top-1 within 0.5 points of FP32" in names
+
+
+def test_rounding_rows_score_validation_and_test(tiny_vit, images, monkeypatch):
+    import bench.accuracy as acc
+
+    labels = logits_of(tiny_vit, images).argmax(-1)
+    data = EvalData(images[:8], images, labels, list(range(8)), images[8:])
+    real = acc.quantize
+    monkeypatch.setattr(acc, "quantize", lambda model, calib, cfg: real(
+        model, calib, QuantConfig(**{**cfg.__dict__, **FAST})))
+    monkeypatch.setattr(acc, "ROUNDING_SETTINGS", ("full",))
+    rows = acc.run_rounding(tiny_vit, data, logits_of(tiny_vit, images), "hessian",
+                            methods=("tsptq",), widths=((4, 8),))
+    assert [r["weight_rounding"] for r in rows] == ["nearest", "gptq"]
+    assert all(0 <= r["val_agreement"] <= 1 and r["val_kl"] >= 0 and r["calib_s"] > 0
+               for r in rows)
+    assert rows[0]["kl"] != rows[1]["kl"]  # the rounding changed the model
+    assert "| tsptq" in acc.table(rows, acc.ROUNDING_COLUMNS)
