@@ -144,7 +144,7 @@ def test_ci_workflow_in_docs_parses():
     """docs/ci.md's GitHub Actions workflow is valid YAML and its gate command parses."""
     text = (ROOT / "docs" / "ci.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
-    assert len(blocks) == 1
+    assert len(blocks) == 2  # the workflow, then the action's `uses:` steps
     workflow = yaml.safe_load(blocks[0])
     steps = workflow["jobs"]["gate"]["steps"]
     uses = [s["uses"].split("@")[0] for s in steps if "uses" in s]
@@ -157,3 +157,14 @@ def test_ci_workflow_in_docs_parses():
     assert args.max_drop == 0.5
     serve = next(s for s in steps if s.get("name") == "Start a local service")
     assert "tsptq serve" in serve["run"]
+
+
+def test_action_use_in_docs_names_only_its_inputs():
+    """docs/ci.md's `uses:` step of the composite action passes inputs that action.yml has,
+    and every required one."""
+    text = (ROOT / "docs" / "ci.md").read_text()
+    steps = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", text, re.S)[1])
+    step = next(s for s in steps if s.get("name") == "Quantization gate")
+    inputs = yaml.safe_load((ROOT / "action.yml").read_text())["inputs"]
+    assert set(step["with"]) <= set(inputs), set(step["with"]) - set(inputs)
+    assert {k for k, v in inputs.items() if v.get("required")} <= set(step["with"])
