@@ -7,8 +7,12 @@ Settings: full, partial and integer (the lowered integer program: ``quant.intege
 (2) SQNR in dB per tensor kind and method on the test split's real activations (fully quantized),
 (3) in the integer setting, each integer kernel's error against its float function over its
 calibrated range (``quant.integer.kernel_errors``) and each layer's worst-case accumulator bits
-(``Program.report``), (4) calibration seconds of timm ``deit_tiny_patch16_224`` (random
-weights) at 224×224 with 32 images, per method, and (5) the issue's targets, each PASS or FAIL.
+(``Program.report``), (4) every method, setting and width with nearest and with GPTQ weight
+rounding, on ``--val-size`` validation images (the choice) and the test split (reported),
+and tsptq's partial-setting variants of the post-LayerNorm activations with both roundings
+(``--skip-rounding`` skips both), (5) calibration seconds of timm ``deit_tiny_patch16_224``
+(random weights) at 224×224 with 32 images, per method, with GPTQ's beside tsptq's, and (6)
+the issue's targets, each PASS or FAIL.
 A configuration that has no integer program (its accumulators cannot be proved to fit, say)
 is a row with its ``error`` and no metrics.
 

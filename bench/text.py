@@ -13,7 +13,9 @@ of every LayerNorm input (largest channel range over the median channel's, with 
 the [CLS] token) and the channels O-2SF flagged at W8A8, for the other tokens and for [CLS];
 (5) the issue's targets, each PASS or FAIL; (6) the ablation of [CLS]'s own quantizers
 (tsptq with ``first_token_scale=False``); (7) with ``--draws K``, tsptq W8A8 with and without it
-on K calibration draws. One CPU thread.
+on K calibration draws; (8) nearest against GPTQ weight rounding (``--rounding``), tsptq at
+every width with 32, 128 and 256 calibration texts, on validation and test texts. One CPU
+thread.
 
 The integer setting (the lowered integer program: ``quant.integer``) adds its rows to (1), each
 method and width (``setting: "integer"``; the others are ``"full"``), and prints each integer
@@ -223,6 +225,12 @@ def rounding_rows(model: torch.nn.Module, args) -> list[dict]:
     return rows
 
 
+def print_rounding(rows: list[dict], val_size: int) -> None:
+    print("\n## MiniLM weight rounding: nearest and GPTQ (tsptq, fully quantized; "
+          f"{val_size} validation texts choose, test reported)\n")
+    print(table(rows, ROUNDING_COLUMNS))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the rows here")
@@ -250,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model("minilm")
     if args.rounding == "only":
         rounding = rounding_rows(model, args)
-        print("\n## MiniLM weight rounding: nearest and GPTQ (tsptq, fully quantized; "
-              f"{args.val_size} validation texts choose, test reported)\n")
-        print(table(rounding, ROUNDING_COLUMNS))
+        print_rounding(rounding, args.val_size)
         if args.json:
             write_json(args.json, {"weight_rounding": rounding}, [])
         return 0
@@ -351,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                             "kl"]))
     rounding = rounding_rows(model, args) if args.rounding == "also" else []
     if rounding:
-        print("\n## Weight rounding: nearest and GPTQ (tsptq, fully quantized; "
-              f"{args.val_size} validation texts choose, test reported)\n")
-        print(table(rounding, ROUNDING_COLUMNS))
+        print_rounding(rounding, args.val_size)
     checks = []
     if set(args.methods) == set(METHODS) and "full" in args.settings:
         checks = check_targets(rows, sqnr_rows)
