@@ -20,9 +20,10 @@ while the most columns are left to absorb their error). Blocks of columns ("lazy
 updates") are a speed device with the same result and are used too.
 
 Departures: the scales (one per output row, symmetric) are not GPTQ's min-max ones but the
-candidates of the caller's clipping search (``UniformQuantizer.calibrate``); rows are
-independent under GPTQ (the same H serves every row), so each row keeps the candidate whose
-rounded row gives the lowest error under the calibration metric (``QWeighted.calibrate``).
+searched grid and a few clippings of each row's range; rows are independent under GPTQ (the
+same H serves every row), so each row keeps the candidate, or its nearest rounding, of lowest
+(w − ŵ) H (w − ŵ)ᵀ (``QWeighted._gptq_weight``). Error compensation needs data: XᵀX of a
+1536-wide layer from ~600 tokens over-fits them (MiniLM with 32 texts; BENCHMARKS.md).
 H comes from the FP model's inputs of the layer (the statistics pass), not from a model
 quantized up to that layer: every module is calibrated on the FP statistics alone, which keeps
 a search's (re)calibrations exact and independent of their order (``quant.model.Calibrator``).
