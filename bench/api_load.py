@@ -364,17 +364,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{cpu['client_cpu_ms_per_request']} ms, server "
           f"{cpu['server_cpu_ms_per_request'] if server_cpu is not None else '?'} ms "
           f"({os.cpu_count()} cores shared)")
+    report(stats, args.json, {
+        "clients": args.clients, "seconds": args.seconds, "polls": args.polls,
+        "pause_s": args.pause, "job": args.job, "url": args.url,
+        "elapsed_s": round(elapsed, 2), "errors": errors, "rows": rows, **cpu})
+    return 0 if errors == 0 else 1
+
+
+def report(stats: Stats, path: Path | None, payload: dict) -> None:
+    """Print the failed requests' examples; write ``payload`` (with them) to ``path``."""
     for example in stats.examples:
         print(f"  {example}", file=sys.stderr)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "clients": args.clients, "seconds": args.seconds, "polls": args.polls,
-            "pause_s": args.pause, "job": args.job,
-            "url": args.url,
-            "elapsed_s": round(elapsed, 2), "errors": errors, "rows": rows, **cpu,
-            "error_examples": stats.examples}, indent=2))
-    return 0 if errors == 0 else 1
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**payload, "error_examples": stats.examples}, indent=2))
 
 
 def main_dashboard(args: argparse.Namespace) -> int:
@@ -407,17 +410,12 @@ def main_dashboard(args: argparse.Namespace) -> int:
     server_ms = round(server_cpu * 1000 / max(requests, 1), 2)
     print(f"{requests / elapsed:.0f} requests/s; server CPU {server_ms} ms per request "
           f"({os.cpu_count()} cores shared with the load generator)")
-    for example in stats.examples:
-        print(f"  {example}", file=sys.stderr)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "mode": "dashboard", "clients": args.clients, "seconds": args.seconds,
-            "pause_s": args.pause, "jobs": DASHBOARD_JOBS, "candidates": DASHBOARD_CANDIDATES,
-            "elapsed_s": round(elapsed, 2), "errors": errors, "rows": rows,
-            "target_p99_ms": DASHBOARD_TARGET_P99_MS, "target_met": met,
-            "server_cpu_ms_per_request": server_ms, "error_examples": stats.examples},
-            indent=2))
+    report(stats, args.json, {
+        "mode": "dashboard", "clients": args.clients, "seconds": args.seconds,
+        "pause_s": args.pause, "jobs": DASHBOARD_JOBS, "candidates": DASHBOARD_CANDIDATES,
+        "elapsed_s": round(elapsed, 2), "errors": errors, "rows": rows,
+        "target_p99_ms": DASHBOARD_TARGET_P99_MS, "target_met": met,
+        "server_cpu_ms_per_request": server_ms})
     return 0 if errors == 0 else 1
 
 

@@ -311,7 +311,7 @@ class QWeighted(QuantModule):
         fp = self.stats.get("w")
         if fp is not None:  # a rounded weight from an earlier calibration: start from FP
             self.weight.data.copy_(fp)
-        w = self.weight.detach().clone() if fp is not None else self.weight.detach()
+        w = fp if fp is not None else self.weight.detach()  # the FP weight, never written
         b = None if self.bias is None else self.bias.detach()
         if _enabled(self.weight_q):
             xw = self._weight_sample(x)

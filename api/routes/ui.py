@@ -26,9 +26,20 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
            "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
+# Page -> its script. ``shell.html`` is the frame both pages share (head, top bar, token
+# prompt); ``<page>.html`` holds only what goes in its ``<main>``.
+PAGES = {"jobs": "jobs.js", "job": "job.js"}
+
+
 def _load() -> dict[str, tuple[bytes, str]]:
-    return {p.name: (p.read_bytes(), MEDIA[p.suffix])
-            for p in sorted(UI_DIR.iterdir()) if p.suffix in MEDIA}
+    files = {p.name: (p.read_bytes(), MEDIA[p.suffix])
+             for p in sorted(UI_DIR.iterdir()) if p.suffix in MEDIA and p.suffix != ".html"}
+    shell = (UI_DIR / "shell.html").read_text(encoding="utf-8")
+    for page, script in PAGES.items():
+        main = (UI_DIR / f"{page}.html").read_text(encoding="utf-8")
+        html = shell.replace("{title}", page).replace("{script}", script).replace("{main}", main)
+        files[f"{page}.html"] = (html.encode("utf-8"), MEDIA[".html"])
+    return files
 
 
 FILES = _load()
