@@ -46,11 +46,14 @@ def timed_search(ctx: JobContext, space: SearchSpace, budget: Budget, workers: i
                  strategy=greedy_mixed_precision, **kw) -> tuple[SearchResult, SearchRun, float]:
     pool = EvaluatorPool(ctx, workers)
     try:
-        pool.map([Candidate.make()] * workers)  # actors up and warm before the clock starts
+        pool.warm_up()  # actors up and warm before the clock starts
         run = SearchRun(space, pool, budget, evaluate_many=pool.map)
         t = time.perf_counter()
         result = strategy(run, **kw)
-        return result, run, time.perf_counter() - t
+        secs = time.perf_counter() - t
+        print(f"   (scored ahead {pool.ahead_scored}, of which asked for {pool.ahead_used})",
+              file=sys.stderr)
+        return result, run, secs
     finally:
         pool.shutdown()
 

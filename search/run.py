@@ -121,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"search.run: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    from workers.evaluator import RayUnavailable
+
     try:
         report = run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RayUnavailable) as e:
         print(f"search.run: {e}", file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2)

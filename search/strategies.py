@@ -32,9 +32,12 @@ SEARCH_KINDS = frozenset({"weight", "linear_input", "qk", "value", "post_softmax
                           "ln_input"})
 
 Objective = Callable[[Candidate], Score]
-# ``evaluate_many(candidates, done)`` scores a batch (a Ray pool) and calls ``done(i, score)`` as
-# each candidate finishes, in whatever order they finish.
-EvaluateMany = Callable[[list[Candidate], Callable[[int, Score], None]], list[Score]]
+# ``evaluate_many(candidates, done, prefetch)`` scores a batch (a Ray pool) and calls
+# ``done(i, score)`` as each candidate finishes, in whatever order they finish; ``prefetch``:
+# candidates the strategy will likely ask for next, which an idle worker may score ahead (their
+# scores count only once asked for, so hints never change a result).
+EvaluateMany = Callable[[list[Candidate], Callable[[int, Score], None], Sequence[Candidate]],
+                        list[Score]]
 
 
 class SearchCancelled(RuntimeError):
@@ -198,9 +201,11 @@ class SearchRun:
                 self.stopped_by = "target"
         return self.stopped_by
 
-    def evaluate(self, candidates: Sequence[Candidate]) -> list[Score | None]:
+    def evaluate(self, candidates: Sequence[Candidate], prefetch: Sequence[Candidate] = ()
+                 ) -> list[Score | None]:
         """Scores in order; ``None`` for those left unevaluated because a stop criterion holds
-        (a batch is cut to what ``max_candidates`` still allows)."""
+        (a batch is cut to what ``max_candidates`` still allows). ``prefetch``: the likely next
+        batch, a hint to the pool (see ``EvaluateMany``)."""
         if self.stop.max_candidates is not None and self.stop.max_candidates < 1:
             raise ValueError("max_candidates must be at least 1")
         fresh: list[Candidate] = []
@@ -227,8 +232,8 @@ class SearchRun:
                     self.on_scored(seqs[i], fresh[i], score)
                 self._report()
 
-            if self.evaluate_many is not None and len(fresh) > 1:
-                self.evaluate_many(fresh, done)
+            if self.evaluate_many is not None:
+                self.evaluate_many(fresh, done, prefetch)
             else:
                 for i, c in enumerate(fresh):
                     if self.cancelled is not None and self.cancelled():
@@ -346,7 +351,12 @@ def greedy_mixed_precision(run: SearchRun, widths: tuple[int, ...] = WIDTHS,
         steps.sort()
         trials = [(name, nxt, candidate({**state, name: nxt})) for _, name, nxt in steps[:rescore]]
         run.expect(len(trials))
-        measured = run.evaluate([c for *_, c in trials])
+        # Whichever trial wins, the others stay among the best predicted steps (their layers'
+        # predictions do not change), so the next step almost always measures the state with
+        # every trial taken: a worker that finishes its trial early scores that one ahead.
+        ahead = candidate({**state, **{name: nxt for name, nxt, _ in trials}})
+        measured = run.evaluate([c for *_, c in trials],
+                                prefetch=[ahead] if len(trials) > 1 else ())
         options = []
         for (name, nxt, cand), s in zip(trials, measured, strict=True):
             if s is not None:

@@ -8,7 +8,9 @@ requeues the job, and the next run reuses every candidate the first one stored; 
 ``max_attempts`` such claims the job is failed instead (it would take the next dispatcher down
 too). A dispatcher asked to stop (``run_forever``'s event: SIGTERM or SIGINT to ``tsptq
 worker``, or its ``tsptq serve`` parent gone) stops its job's Ray work and hands the job back to
-the queue at once, without counting it as a failed attempt.
+the queue at once, without counting it as a failed attempt. So does one whose Ray cluster head
+is lost (``RayUnavailable``): it leaves the cluster, claims nothing until the head answers again,
+then joins it anew, and the job resumes from its stored candidates.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from quant.zoo.models import check_supported
 from search.objective import Score
 from search.space import Candidate
 from search.strategies import Budget, EvolutionSettings, SearchCancelled, StopCriteria
+from workers.evaluator import RayUnavailable, disconnect_ray, head_reachable
 from workers.jobs import JobHooks, JobInputs, run_job
 
 from .jobspec import DIGITS, DataPathError, JobSpec, resolve_data_dir
@@ -75,6 +78,7 @@ class Dispatcher:
         self.store, self.settings = store, settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()  # set: hand the running job back and stop
+        self._waiting_for_head = False
 
     def run_forever(self, stop: threading.Event, poll_s: float = 1.0) -> None:
         """Run jobs until ``stop`` is set; a job running then is handed back to the queue."""
@@ -91,7 +95,9 @@ class Dispatcher:
 
     def run_once(self) -> str | None:
         """Fail jobs that crashed too many dispatchers, requeue other stale jobs, then claim and
-        run one job; its id, or None if none was queued."""
+        run one job; its id, or None if none was queued (or the Ray head is unreachable)."""
+        if not self._ray_head_ready():
+            return None
         for job_id in self.store.abandon_stale(self.settings.stale_after_s,
                                                self.settings.max_attempts):
             log.error("job %s: abandoned after %d attempts that each stopped its dispatcher",
@@ -104,6 +110,21 @@ class Dispatcher:
         log.info("job %s: claimed by %s (claim %d)", job.id, self.worker_id, job.claims)
         self.run(job.id, job.request)
         return job.id
+
+    def _ray_head_ready(self) -> bool:
+        """With a cluster (``RAY_ADDRESS``): whether its head answers. A lost head is left (a
+        connection to it cannot come back) and waited for; jobs are claimed once it is back."""
+        if not os.environ.get("RAY_ADDRESS") or head_reachable():
+            if self._waiting_for_head:
+                log.info("the Ray head at %s answers again", os.environ["RAY_ADDRESS"])
+                self._waiting_for_head = False
+            return True
+        disconnect_ray()
+        if not self._waiting_for_head:
+            log.warning("the Ray head at %s is unreachable; claiming no job until it is back",
+                        os.environ["RAY_ADDRESS"])
+            self._waiting_for_head = True
+        return False
 
     def run(self, job_id: str, request: dict) -> None:
         cancel = threading.Event()
@@ -126,6 +147,8 @@ class Dispatcher:
                          "kept)", job_id, len(self.store.candidate_scores(job_id)))
         except JobLost:
             log.warning("job %s: lost to another dispatcher; dropped", job_id)
+        except RayUnavailable as e:
+            self._hand_back_on_ray_loss(job_id, e)
         except ArtifactsNotStored as e:
             self.store.fail(job_id, str(e), {"total_s": round(time.perf_counter() - t0, 2)},
                             self.worker_id)
@@ -135,6 +158,9 @@ class Dispatcher:
                             self.worker_id)
             log.info("job %s failed: %s", job_id, e)
         except Exception as e:
+            if os.environ.get("RAY_ADDRESS") and not head_reachable():  # a Ray error of its loss
+                self._hand_back_on_ray_loss(job_id, e)
+                return
             log.exception("job %s: internal error", job_id)
             self.store.fail(job_id, f"internal error: {type(e).__name__}: {e}",
                             {"total_s": round(time.perf_counter() - t0, 2)}, self.worker_id)
@@ -193,6 +219,15 @@ class Dispatcher:
             if not done:
                 raise JobLost(job_id)
             log.info("job %s succeeded: top-1 %.4f", job_id, out.result["top1"])
+
+    def _hand_back_on_ray_loss(self, job_id: str, e: BaseException) -> None:
+        """Not the job's fault: back to the queue with its candidates, not counted as an
+        attempt; this dispatcher leaves the cluster and waits for its head (``run_once``)."""
+        released = self.store.release(job_id, self.worker_id)
+        log.warning("job %s: the Ray cluster was lost (%s); %s", job_id, _first_line(e),
+                    f"requeued with its {len(self.store.candidate_scores(job_id))} stored "
+                    "candidates" if released else "it is no longer this dispatcher's")
+        disconnect_ray()
 
     def _heartbeat(self, job_id: str, cancel: threading.Event, lost: threading.Event,
                    done: threading.Event) -> None:

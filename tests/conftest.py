@@ -104,7 +104,7 @@ def service(tmp_path):
     from service.store import Store
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     settings = Settings(database_url=url, data_dir=tmp_path, ray_workers=2)

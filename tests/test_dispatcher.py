@@ -38,7 +38,7 @@ def make(db_url: str, tmp_path, **kw) -> tuple[Store, Dispatcher]:
 @pytest.fixture(scope="module")
 def ray_local():
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
 
 

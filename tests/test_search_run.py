@@ -64,3 +64,19 @@ def test_test_limit_keeps_a_fixed_subset(tmp_path, capsys):
 def test_bad_options_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unreachable_ray_cluster_is_a_clear_error(tmp_path):
+    """``RAY_ADDRESS`` naming a port nothing listens on: a message and exit 2 at once."""
+    import os
+    import subprocess
+    import sys
+
+    from service.demo import free_port
+
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.run([sys.executable, "-m", "search.run", "--strategy", "thresholds",
+                           "--max-candidates", "2", *SMALL], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is unreachable" in proc.stderr and "Traceback" not in proc.stderr

@@ -26,7 +26,7 @@ from workers.evaluator import EvaluatorPool, JobContext
 def ray_local():
     # Another module (search.run, the dispatcher) may have started this process's Ray already.
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
 
 
@@ -54,20 +54,47 @@ def test_pool_scores_equal_in_process_scores(ray_local, job):
 
 
 def test_search_result_does_not_depend_on_worker_count(ray_local, job):
+    """Nor on the candidates 2 workers score ahead (greedy's hints): every stored candidate,
+    in the same order with the same score, and the same best and front."""
     space = SearchSpace.from_model(job.calibrator.calibrate(job.base), job.val_images)
-    keys = []
+    keys, scored, ahead = [], [], []
     for workers in (1, 2):
         pool = EvaluatorPool(job, workers)
+        seen = []
         try:
-            greedy = greedy_mixed_precision(SearchRun(space, pool, Budget(6.5, 7.0),
-                                                      evaluate_many=pool.map))
+            greedy = greedy_mixed_precision(SearchRun(
+                space, pool, Budget(6.5, 7.0), evaluate_many=pool.map,
+                on_scored=lambda seq, c, s: seen.append((seq, c.key, s))))  # noqa: B023
+            ahead.append(pool.ahead_used)
             evo = evolutionary_search(SearchRun(space, pool, Budget(6.5, 7.0),
                                                 evaluate_many=pool.map),
                                       EvolutionSettings(population=4, generations=2))
         finally:
             pool.shutdown()
         keys.append([(r.best.key, [p["key"] for p in r.front]) for r in (greedy, evo)])
+        scored.append(sorted(seen))
     assert keys[0] == keys[1]
+    assert scored[0] == scored[1]
+    assert ahead[0] == 0 and ahead[1] > 0  # the second worker did score greedy steps ahead
+
+
+def test_an_actor_lost_for_good_is_replaced_and_its_task_rescored(ray_local, job):
+    pool = EvaluatorPool(job, 2)
+    try:
+        expected = pool.map(CANDIDATES)
+        pool.shutdown()
+        pool = EvaluatorPool(job, 2)
+        killed = []
+
+        def done(i, score):  # once a first candidate is in, one actor dies for good
+            if not killed:
+                killed.append(ray.kill(pool.actors[0], no_restart=True))
+
+        assert pool.map(CANDIDATES, done=done) == expected
+        assert killed and len(pool.actors) == 3  # a fresh actor took the dead one's place
+        assert pool.map(CANDIDATES[:2]) == expected[:2]
+    finally:
+        pool.shutdown()
 
 
 def test_killed_worker_is_restarted_and_its_task_retried(ray_local, job):

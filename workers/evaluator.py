@@ -9,9 +9,12 @@ on the number of workers either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,7 +38,10 @@ class JobContext:
     base: QuantConfig
 
 
-@ray.remote(max_restarts=2, max_task_retries=2)
+# A killed actor process is restarted by Ray (``max_restarts``); its task is not retried by Ray
+# (``max_task_retries=0``) but handed by the pool to whichever actor is ready: a task retried on
+# its own actor waits for that actor, which after a node loss may wait for a free CPU forever.
+@ray.remote(max_restarts=2, max_task_retries=0)
 class CandidateEvaluator:
     def __init__(self, context: JobContext, threads: int = 1) -> None:
         torch.set_num_threads(threads)
@@ -58,6 +64,37 @@ class CandidateEvaluator:
     def ping(self) -> int:
         return self.pid
 
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray cluster's head cannot be reached: the job's Ray work cannot go on (the dispatcher
+    hands the job back to the queue and waits for the head)."""
+
+
+def head_address() -> str | None:
+    """The GCS address of the Ray this process is connected to (else of ``RAY_ADDRESS``)."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    address = os.environ.get("RAY_ADDRESS")
+    return address if address and address != "auto" else None
+
+
+def head_reachable(address: str | None = None, timeout_s: float = 1.0) -> bool:
+    """A TCP connection to the GCS port: cheap, and it answers at once when the head process is
+    gone (Ray's own client retries for a minute, then ends the process)."""
+    address = address or head_address()
+    if address is None:
+        return True
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray.
@@ -69,70 +106,230 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         own = signal.getsignal(signal.SIGTERM)
         address = os.environ.get("RAY_ADDRESS")
         if address:  # a cluster's resources are its own: num_cpus applies to a local Ray only
-            ray.init(address=address, log_to_driver=False)
+            if not head_reachable(address if address != "auto" else None):
+                raise RayUnavailable(f"the Ray head at {address} (RAY_ADDRESS) is unreachable")
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as e:
+                raise RayUnavailable(f"cannot join the Ray cluster at {address}: {e}") from e
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            # "local": a new Ray of this process's own. Without it ray.init joins the cluster
+            # last started on this machine (/tmp/ray/ray_current_cluster), and waits forever
+            # when that cluster is gone.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     log_to_driver=False)
         if callable(own) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, own)
+
+
+def disconnect_ray() -> None:
+    """Leave the cluster (after its head was lost: a later ``ensure_ray`` joins it anew)."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@dataclass
+class _Task:
+    candidate: Candidate
+    actor: int
+    speculative: bool  # a hint's candidate, scored while an actor had nothing else to do
 
 
 class EvaluatorPool:
     """``pool.map(candidates)`` scores candidates on ``workers`` actors, one task per actor in
     flight (``ray.wait`` hands the next candidate to whichever finishes); ``cancel`` (or a
-    ``cancelled()`` callable returning True) stops it and cancels the tasks in flight."""
+    ``cancelled()`` callable returning True) stops it and cancels the tasks in flight.
+
+    Actors are spread over the cluster's nodes (``SPREAD``) and join the pool when they answer,
+    so a job starts with the actors the cluster can place and takes the others as CPUs free up.
+    A task whose actor (or node) dies goes to the next ready actor; a dead actor is replaced.
+    A head that stays unreachable for ``head_grace_s`` raises ``RayUnavailable``.
+
+    ``map(..., prefetch=hints)``: candidates the caller will likely ask for next. An actor with
+    nothing else to do scores one; its score is kept aside and handed out only if a later
+    ``map`` asks for that candidate, so hints change what is computed when, never a result."""
+
+    MAX_FAILURES = 3  # actor deaths while scoring one candidate before the pool gives up
 
     def __init__(self, context: JobContext, workers: int,
-                 cancelled: Callable[[], bool] | None = None) -> None:
+                 cancelled: Callable[[], bool] | None = None, head_grace_s: float = 5.0) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         ensure_ray()
+        self.workers = workers
+        self.head_grace_s = head_grace_s
+        self._head = head_address()
         self.context_ref = ray.put(context)  # held: restarted actors re-read it
-        gpus = 1 if torch.cuda.is_available() else 0
-        self.actors = [CandidateEvaluator.options(num_gpus=gpus).remote(self.context_ref)
-                       for _ in range(workers)]
+        self._gpus = 1 if torch.cuda.is_available() else 0
+        self.actors: list = []
+        self._dead: set[int] = set()
+        self._idle: list[int] = []
+        self._pings: dict = {}     # ObjectRef → actor index, for actors not yet ready
+        self._tasks: dict = {}     # ObjectRef → _Task
+        self._hints: list[Candidate] = []
+        self._aside: dict[str, Score] = {}   # scores of hints no map has asked for yet
+        self._failures: dict[str, int] = {}
+        self.ahead_scored = self.ahead_used = 0  # hints scored ahead, and later asked for
+        self._spawned = 0
         self._cancel = False
         self._cancelled = cancelled
+        self._head_lost_since: float | None = None
+        self._head_checked = time.monotonic()
         # Per actor, the module calibrations the other actors searched since its last task. A
         # calibration is a pure function of the shared statistics and the module's widths and
         # pins, so handing them on changes no score; it saves each actor repeating the searches
         # another made (a greedy step's accepted layer, a probe revisited): with 2 workers the
         # actors spent ~30% more per candidate than 1 worker without it.
-        self._inbox: list[list[dict]] = [[] for _ in range(workers)]
+        self._inbox: list[list[dict]] = []
+        for _ in range(workers):
+            self._spawn()
 
     @property
     def cancelled(self) -> bool:
         return self._cancel or (self._cancelled is not None and self._cancelled())
 
+    def _spawn(self) -> None:
+        # One CPU held for the actor's life (an actor's default holds none once placed, so a
+        # node would take any number), spread over the nodes.
+        actor = CandidateEvaluator.options(num_cpus=1, num_gpus=self._gpus,
+                                           scheduling_strategy="SPREAD").remote(self.context_ref)
+        self.actors.append(actor)
+        self._inbox.append([])
+        self._pings[actor.ping.remote()] = len(self.actors) - 1
+        self._spawned += 1
+
+    def _alive(self) -> int:
+        return len(self.actors) - len(self._dead)
+
+    def _submit(self, cand: Candidate, speculative: bool) -> None:
+        a = self._idle.pop(0)
+        shared, self._inbox[a] = self._inbox[a], []
+        self._tasks[self.actors[a].score.remote(cand.to_dict(), shared)] = _Task(
+            cand, a, speculative)
+
+    def _lost(self, a: int) -> None:
+        """Actor ``a`` died under a task: probe it (Ray restarts it where a CPU is free); the
+        probe's answer puts it back in the pool, or its failure replaces it."""
+        self._pings[self.actors[a].ping.remote()] = a
+        self._check_head(force=True)
+
+    def _check_head(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._head_checked < 1.0:
+            return
+        self._head_checked = now
+        if head_reachable(self._head):
+            self._head_lost_since = None
+            return
+        self._head_lost_since = self._head_lost_since or now
+        if now - self._head_lost_since >= self.head_grace_s:
+            raise RayUnavailable(f"the Ray head at {self._head} has been unreachable for "
+                                 f"{now - self._head_lost_since:.0f} s")
+
     def map(self, candidates: Sequence[Candidate],
-            done: Callable[[int, Score], None] | None = None) -> list[Score]:
+            done: Callable[[int, Score], None] | None = None,
+            prefetch: Sequence[Candidate] = ()) -> list[Score]:
         results: list[Score | None] = [None] * len(candidates)
-        pending: dict = {}
-        idle = list(range(len(self.actors)))
-        queue = list(enumerate(candidates))
-        while queue or pending:
+        where: dict[str, list[int]] = {}
+        for i, cand in enumerate(candidates):
+            where.setdefault(cand.key, []).append(i)
+        first = {k: candidates[ix[0]] for k, ix in where.items()}
+        running = {t.candidate.key for t in self._tasks.values()}
+        waiting = set(where)
+
+        def finish(key: str, score: Score) -> None:
+            waiting.discard(key)
+            for i in where[key]:
+                results[i] = score
+                if done is not None:
+                    done(i, score)
+
+        for key in list(where):
+            if key in self._aside:
+                self.ahead_used += 1
+                finish(key, self._aside.pop(key))
+            elif key in running:
+                self.ahead_used += 1
+        queue = [first[k] for k in where if k in waiting and k not in running]
+        self._hints = [c for c in prefetch if c.key not in where]
+        while waiting:
             if self.cancelled:
-                for ref in pending:
+                for ref in self._tasks:
                     ray.cancel(ref)
+                self._tasks.clear()
                 raise SearchCancelled("search cancelled")
-            while queue and idle:
-                i, cand = queue.pop(0)
-                a = idle.pop(0)
-                shared, self._inbox[a] = self._inbox[a], []
-                pending[self.actors[a].score.remote(cand.to_dict(), shared)] = (i, a)
-            # A timeout, so that a cancel is seen while a long candidate runs.
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            while queue and self._idle:
+                self._submit(queue.pop(0), speculative=False)
+            while self._hints and self._idle:
+                hint = self._hints.pop(0)
+                busy = {t.candidate.key for t in self._tasks.values()}
+                if hint.key not in self._aside and hint.key not in busy:
+                    self._submit(hint, speculative=True)
+                    self.ahead_scored += 1
+            # A timeout, so that a cancel (and a lost head) is seen while a long candidate runs.
+            ready, _ = ray.wait([*self._tasks, *self._pings], num_returns=1, timeout=0.5)
             for ref in ready:
-                i, a = pending.pop(ref)
-                kl, agreement, searched = ray.get(ref)
-                results[i] = Score(kl=kl, agreement=agreement)
+                if ref in self._pings:
+                    self._answered(ref)
+                    continue
+                task = self._tasks.pop(ref)
+                key = task.candidate.key
+                try:
+                    kl, agreement, searched = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    self._lost(task.actor)
+                    if key in waiting:
+                        self._failures[key] = self._failures.get(key, 0) + 1
+                        if self._failures[key] >= self.MAX_FAILURES:
+                            raise RuntimeError(
+                                f"candidate {key}: its Ray worker died {self.MAX_FAILURES} "
+                                "times while scoring it") from None
+                        queue.insert(0, task.candidate)
+                    continue
+                score = Score(kl=kl, agreement=agreement)
                 if searched["items"]:
                     for other, inbox in enumerate(self._inbox):
-                        if other != a:
+                        if other != task.actor:
                             inbox.append(searched)
-                idle.append(a)
-                if done is not None:
-                    done(i, results[i])
+                self._idle.append(task.actor)
+                if key in waiting:
+                    finish(key, score)
+                else:
+                    self._aside[key] = score
+            self._check_head()
         return results  # type: ignore[return-value]
+
+    def _answered(self, ref) -> None:
+        a = self._pings.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+            self._check_head(force=True)
+            time.sleep(0.1)
+            self._pings[self.actors[a].ping.remote()] = a
+            return
+        except ray.exceptions.RayActorError:
+            # Gone for good (its restarts used up): a fresh actor takes its place.
+            self._dead.add(a)
+            if self._alive() < self.workers and self._spawned < 3 * self.workers:
+                self._spawn()
+            elif not self._alive():
+                raise RuntimeError("every Ray worker of this job died") from None
+            return
+        self._idle.append(a)
+
+    def warm_up(self) -> None:
+        """Wait until every actor has answered and scored one candidate (benchmarks start their
+        clock after it)."""
+        while self._pings:
+            ready, _ = ray.wait(list(self._pings), num_returns=1)
+            self._answered(ready[0])
+        ray.get([self.actors[a].score.remote(Candidate().to_dict()) for a in self._idle])
+
+    def nodes(self) -> list[str]:
+        """The node of each live actor."""
+        return ray.get([a.node.remote() for i, a in enumerate(self.actors)
+                        if i not in self._dead])
 
     def __call__(self, candidate: Candidate) -> Score:
         return self.map([candidate])[0]
@@ -142,4 +339,5 @@ class EvaluatorPool:
 
     def shutdown(self) -> None:
         for a in self.actors:
-            ray.kill(a)
+            with contextlib.suppress(Exception):  # a lost head or actor: nothing left to stop
+                ray.kill(a, no_restart=True)

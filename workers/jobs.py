@@ -153,6 +153,12 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
 
     progress(0, 0)
     base = inputs.config
+    if inputs.strategy != "none":
+        from .evaluator import ensure_ray
+
+        # Before the statistics: a cluster that cannot be reached fails in a second, not after
+        # minutes of work (``RayUnavailable``).
+        ensure_ray()
     model = load_model(inputs.model, inputs.weights)
     data = load_data(inputs, model)
     n_val = count(data.x_val)
