@@ -378,3 +378,46 @@ def test_calibrations_shared_between_calibrators(tiny_vit, images):
         other = Calibrator(tiny_vit, images.flip(0), base)
         with pytest.raises(ValueError, match="other calibration inputs"):
             other.import_calibrations(shared)
+
+
+class DictBoard:
+    """``SharedCalibrations`` in one process: what ``workers.evaluator.CalibrationBoard`` keeps
+    for the actors of a search."""
+
+    def __init__(self) -> None:
+        self.items, self.digest, self.asked = {}, None, []
+
+    def fetch(self, keys):
+        self.asked.append(list(keys))
+        return {"calib_digest": self.digest,
+                "items": {k: self.items[k] for k in keys if k in self.items}}
+
+    def publish(self, calibrations):
+        self.digest = calibrations["calib_digest"]
+        self.items.update(calibrations["items"])
+
+
+def test_calibrators_on_one_board_search_each_module_once(tiny_vit, images):
+    """Each asks the board right before a search and publishes right after: the second
+    calibrator searches nothing the first searched, and gets the same model."""
+    from quant import Calibrator
+
+    base = QuantConfig(**FAST)
+    cand = QuantConfig(bit_overrides={"blocks.1.mlp.fc1.weight_q": 4}, **FAST)
+    board = DictBoard()
+    a, b = Calibrator(tiny_vit, images, base), Calibrator(tiny_vit, images, base)
+    a.shared = b.shared = board
+    with torch.no_grad():
+        a.calibrate(base, incremental=True, copy_model=False)
+        expected = a.calibrate(cand, incremental=True, copy_model=False)(images)
+        assert any(n == "blocks.1.mlp.fc1" for n, _ in board.items)
+        searched = []
+        for name, m in b.twin.named_modules():
+            if hasattr(m, "local_quantizers"):
+                m.calibrate = lambda cfg, f=m.calibrate, n=name: (searched.append(n), f(cfg))
+        b.calibrate(base, incremental=True, copy_model=False)
+        assert torch.equal(b.calibrate(cand, incremental=True, copy_model=False)(images),
+                           expected)
+        assert searched == []
+        # The candidate changed one module: the board was asked for that one alone.
+        assert [n for n, _ in board.asked[-1]] == ["blocks.1.mlp.fc1"]
