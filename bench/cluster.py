@@ -65,12 +65,13 @@ class RayCluster:
 
 
 def start_cluster(worker_nodes: int = 1, cpus_per_node: int = 1, gcs_port: int | None = None,
-                  dashboard_port: int | None = None) -> RayCluster:
+                  dashboard_port: int | None = None, dashboard: bool = True) -> RayCluster:
     """A head and ``worker_nodes`` more nodes, ``cpus_per_node`` CPUs each; the same ports again
-    start a new head where a lost one was."""
+    start a new head where a lost one was. ``dashboard``: what Ray's state API reads (the tests
+    ask it where actors ran); benchmarks go without its processes."""
     gcs_port, dashboard_port = gcs_port or free_port(), dashboard_port or free_port()
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": cpus_per_node, "gcs_server_port": gcs_port, "include_dashboard": True,
+        "num_cpus": cpus_per_node, "gcs_server_port": gcs_port, "include_dashboard": dashboard,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
         "_system_config": HEALTH_CHECKS})
     for _ in range(worker_nodes):

@@ -224,7 +224,7 @@ def on_clusters(ctx: JobContext, space: SearchSpace, budget: Budget, repeats: in
     runs: dict[str, list[dict]] = {name: [] for name, *_ in CLUSTER_SETUPS}
     for _ in range(repeats):
         for name, nodes, cpus, workers in CLUSTER_SETUPS:
-            with ray_cluster(worker_nodes=nodes - 1, cpus_per_node=cpus) as c:
+            with ray_cluster(worker_nodes=nodes - 1, cpus_per_node=cpus, dashboard=False) as c:
                 ray.init(address=c.address, log_to_driver=False)
                 placed: list[int] = []
                 try:

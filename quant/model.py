@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -97,16 +97,6 @@ VARIABLE_FIELDS = frozenset({"w_bits", "a_bits", "image_bits", "bit_overrides", 
                              "search_points"})
 
 
-class SharedCalibrations(Protocol):
-    """Module calibrations that Calibrators on the same statistics hand each other (the workers
-    of one search), in ``export_calibrations``' form: ``fetch(keys)`` those already searched
-    elsewhere; ``publish`` this one's new searches."""
-
-    def fetch(self, keys: list[tuple[str, tuple]]) -> dict: ...
-
-    def publish(self, calibrations: dict) -> None: ...
-
-
 class Calibrator:
     """Collects the calibration statistics of ``model`` once, then calibrates any number of
     configurations that differ only in ``VARIABLE_FIELDS``. Each calibration is exactly what
@@ -143,9 +133,6 @@ class Calibrator:
         # (module, signature) -> its quantizers' calibrated state, for ``incremental`` calls.
         self._done: OrderedDict[tuple[str, tuple], dict[str, dict]] = OrderedDict()
         self._fresh: list[tuple[str, tuple]] = []  # searched here since the last export
-        # Set by a search's worker: incremental calls ask it before searching a module, and
-        # publish their searches to it as soon as they are made (before the forward pass).
-        self.shared: SharedCalibrations | None = None
 
     @staticmethod
     def _signature(m: nn.Module, config: QuantConfig) -> tuple:
@@ -185,8 +172,6 @@ class Calibrator:
         return {"calib_digest": self.calib_digest, "items": items}
 
     def import_calibrations(self, calibrations: dict) -> None:
-        if not calibrations["items"]:
-            return
         if calibrations["calib_digest"] != self.calib_digest:
             raise ValueError("these calibrations come from other calibration inputs")
         for key, state in calibrations["items"].items():
@@ -206,20 +191,6 @@ class Calibrator:
             if hasattr(q, "chosen_threshold"):
                 q.chosen_threshold = st["chosen_threshold"]
         m.restore_calibration_extras(state.get(cls.EXTRAS, {}))
-
-    def _reuse(self, modules: list[tuple[str, nn.Module]], signatures: dict[str, tuple],
-               skip: set[str]) -> None:
-        """Add to ``skip`` the modules already calibrated as ``signatures`` says: unchanged
-        since the last call, or restored from a remembered calibration."""
-        for n, m in modules:
-            if n in skip:
-                continue
-            if self._last.get(n) == signatures[n]:
-                skip.add(n)
-            elif (n, signatures[n]) in self._done:
-                self._restore(m, self._done[n, signatures[n]])
-                self._done.move_to_end((n, signatures[n]))
-                skip.add(n)
 
     def calibrate(self, config: QuantConfig | None = None, progress: Progress | None = None,
                   copy_model: bool = True, incremental: bool = False) -> QuantizedModel:
@@ -248,20 +219,20 @@ class Calibrator:
         start = time.perf_counter()
         modules = quant_modules(self.twin)
         signatures = {n: self._signature(m, config) for n, m in modules}
-        skip: set[str] = set()
+        skip = set()
         if incremental:
-            self._reuse(modules, signatures, skip)
-            missing = [(n, signatures[n]) for n, _ in modules if n not in skip]
-            if missing and self.shared is not None:
-                self.import_calibrations(self.shared.fetch(missing))
-                self._reuse(modules, signatures, skip)
+            for n, m in modules:
+                if self._last.get(n) == signatures[n]:
+                    skip.add(n)
+                elif (n, signatures[n]) in self._done:
+                    self._restore(m, self._done[n, signatures[n]])
+                    self._done.move_to_end((n, signatures[n]))
+                    skip.add(n)
         calibrate_modules(self.twin, config, progress, skip=frozenset(skip))
         if incremental:
             for n, m in modules:
                 if n not in skip:
                     self._remember((n, signatures[n]), m)
-            if self.shared is not None and self._fresh:
-                self.shared.publish(self.export_calibrations())
         self._last = signatures
         calibrate_parameters(self.twin, config)
         round_float_parameters(self.twin)

@@ -170,6 +170,10 @@ def test_b_a_node_lost_mid_search(cluster, reference, tmp_path):
         # The lost node's actor is dead; the search finished on the head's.
         dead = [a for a in actors(cluster) if a.node_id == victim.node_id]
         assert dead and all(a.state == "DEAD" for a in dead)
+        print(f"\n(b) worker node's raylet killed after {scored_before} of "
+              f"{done.result['search']['evaluations']} candidates; the job succeeded on the "
+              f"head's actor with the undisturbed result, {len(store.candidates(job.id))} "
+              "candidates stored once each")
     finally:
         worker.stop()
         store.engine.dispose()
@@ -225,6 +229,9 @@ def test_d_two_jobs_side_by_side(cluster, tmp_path):
                   max(c.created_at for c in store.candidates(j.id))) for j in jobs]
         # Neither waited for the other: each stored candidates while the other did.
         assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
+        overlap = min(spans[0][1], spans[1][1]) - max(spans[0][0], spans[1][0])
+        print(f"\n(d) two jobs, two dispatchers, one actor each: both stored candidates for "
+              f"{overlap.total_seconds():.1f} s at the same time")
         assert essence(done[0].result) == essence(done[1].result)
     finally:
         for w in workers:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import Tensor, nn
 
 from quant import Calibrator, QuantConfig
@@ -39,72 +38,28 @@ class JobContext:
     base: QuantConfig
 
 
-@ray.remote(num_cpus=0)
-class CalibrationBoard:
-    """One per search: the module calibrations its actors searched (``SharedCalibrations``).
-
-    A calibration is a pure function of the shared statistics and the module's widths and pins,
-    so handing them on changes no score; it saves each actor repeating the searches another
-    made (a greedy step's accepted layer, a probe revisited). An actor asks right before it
-    would search and publishes right after, before its forward pass. Measured on the digits
-    greedy search (473 candidates), 2 workers against 301 module searches with one: 415 when
-    calibrations went along with each actor's next task, 372 with this board. Claims (wait for
-    a search another actor is making rather than make it too) brought that to 301, but the
-    waits cost more than the searches saved (2-worker search 65.5 and 66.4 s against 58.9 s)."""
-
-    def __init__(self) -> None:
-        self.items: dict = {}
-        self.digest: str | None = None
-
-    def fetch(self, keys: list) -> dict:
-        return {"calib_digest": self.digest,
-                "items": {k: self.items[k] for k in keys if k in self.items}}
-
-    def publish(self, calibrations: dict) -> None:
-        self.digest = calibrations["calib_digest"]
-        for key, state in calibrations["items"].items():
-            self.items.setdefault(key, state)
-
-
-class BoardClient:
-    """A Calibrator's ``SharedCalibrations`` on a ``CalibrationBoard``: a board that cannot be
-    reached (its node lost) only means searching alone."""
-
-    NOTHING = {"calib_digest": None, "items": {}}
-
-    def __init__(self, board) -> None:
-        self.board = board
-
-    def fetch(self, keys: list) -> dict:
-        try:
-            return ray.get(self.board.fetch.remote(keys), timeout=10)
-        except (ray.exceptions.RayError, TimeoutError):
-            return self.NOTHING
-
-    def publish(self, calibrations: dict) -> None:
-        with contextlib.suppress(ray.exceptions.RayError):
-            self.board.publish.remote(calibrations)  # not waited for
-
-
 # A killed actor process is restarted by Ray (``max_restarts``); its task is not retried by Ray
 # (``max_task_retries=0``) but handed by the pool to whichever actor is ready: a task retried on
 # its own actor waits for that actor, which after a node loss may wait for a free CPU forever.
 @ray.remote(max_restarts=2, max_task_retries=0)
 class CandidateEvaluator:
-    def __init__(self, context: JobContext, board=None, threads: int = 1) -> None:
+    def __init__(self, context: JobContext, threads: int = 1) -> None:
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ctx = context
         if device == "cuda":
             ctx.model = ctx.model.to(device)
         self.objective = Objective(ctx.model, ctx.calibrator, ctx.val_images, ctx.base)
-        if board is not None:
-            self.objective.calibrator.shared = BoardClient(board)
         self.pid = os.getpid()
 
-    def score(self, candidate: dict) -> tuple[float, float]:
+    def score(self, candidate: dict, shared: list[dict] = ()) -> tuple[float, float, dict]:
+        """``shared``: module calibrations the other workers searched since this one's last
+        task; returned: the ones this task searched, for the others."""
+        calibrator = self.objective.calibrator
+        for calibrations in shared:
+            calibrator.import_calibrations(calibrations)
         s = self.objective(Candidate.from_dict(candidate))
-        return s.kl, s.agreement
+        return s.kl, s.agreement, calibrator.export_calibrations()
 
     def ping(self) -> int:
         return self.pid
@@ -177,7 +132,6 @@ def disconnect_ray() -> None:
 class _Task:
     candidate: Candidate
     actor: int
-    speculative: bool  # a hint's candidate, scored while an actor had nothing else to do
 
 
 class EvaluatorPool:
@@ -220,9 +174,16 @@ class EvaluatorPool:
         self._cancelled = cancelled
         self._head_lost_since: float | None = None
         self._head_checked = time.monotonic()
-        # On the driver's node, where the job's context lives too.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.board = CalibrationBoard.options(scheduling_strategy=here).remote()
+        # Per actor, the module calibrations the other actors searched since its last task. A
+        # calibration is a pure function of the shared statistics and the module's widths and
+        # pins, so handing them on changes no score; it saves each actor repeating the searches
+        # another made (a greedy step's accepted layer, a probe revisited): with 2 workers the
+        # actors spent ~30% more per candidate than 1 worker without it. Tried and measured,
+        # not kept: a per-search board actor asked right before each module search and told
+        # right after. It cut the digits greedy search's module searches with 2 workers from
+        # 415 to 372 (301 with one), but its round trips cost each actor ~3.5 s per search
+        # (measured with one worker), more than the ~2 s of searches it saved it.
+        self._inbox: list[list[dict]] = []
         for _ in range(workers):
             self._spawn()
 
@@ -234,18 +195,19 @@ class EvaluatorPool:
         # One CPU held for the actor's life (an actor's default holds none once placed, so a
         # node would take any number), spread over the nodes.
         actor = CandidateEvaluator.options(num_cpus=1, num_gpus=self._gpus,
-                                           scheduling_strategy="SPREAD").remote(
-            self.context_ref, self.board)
+                                           scheduling_strategy="SPREAD").remote(self.context_ref)
         self.actors.append(actor)
+        self._inbox.append([])
         self._pings[actor.ping.remote()] = len(self.actors) - 1
         self._spawned += 1
 
     def _alive(self) -> int:
         return len(self.actors) - len(self._dead)
 
-    def _submit(self, cand: Candidate, speculative: bool) -> None:
+    def _submit(self, cand: Candidate) -> None:
         a = self._idle.pop(0)
-        self._tasks[self.actors[a].score.remote(cand.to_dict())] = _Task(cand, a, speculative)
+        shared, self._inbox[a] = self._inbox[a], []
+        self._tasks[self.actors[a].score.remote(cand.to_dict(), shared)] = _Task(cand, a)
 
     def _lost(self, a: int) -> None:
         """Actor ``a`` died under a task: probe it (Ray restarts it where a CPU is free); the
@@ -299,12 +261,12 @@ class EvaluatorPool:
                 self._tasks.clear()
                 raise SearchCancelled("search cancelled")
             while queue and self._idle:
-                self._submit(queue.pop(0), speculative=False)
+                self._submit(queue.pop(0))
             while self._hints and self._idle:
                 hint = self._hints.pop(0)
                 busy = {t.candidate.key for t in self._tasks.values()}
                 if hint.key not in self._aside and hint.key not in busy:
-                    self._submit(hint, speculative=True)
+                    self._submit(hint)
                     self.ahead_scored += 1
             # A timeout, so that a cancel (and a lost head) is seen while a long candidate runs.
             ready, _ = ray.wait([*self._tasks, *self._pings], num_returns=1, timeout=0.5)
@@ -315,7 +277,7 @@ class EvaluatorPool:
                 task = self._tasks.pop(ref)
                 key = task.candidate.key
                 try:
-                    kl, agreement = ray.get(ref)
+                    kl, agreement, searched = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                     self._lost(task.actor)
                     if key in waiting:
@@ -327,6 +289,10 @@ class EvaluatorPool:
                         queue.insert(0, task.candidate)
                     continue
                 score = Score(kl=kl, agreement=agreement)
+                if searched["items"]:
+                    for other, inbox in enumerate(self._inbox):
+                        if other != task.actor:
+                            inbox.append(searched)
                 self._idle.append(task.actor)
                 if key in waiting:
                     finish(key, score)
@@ -374,6 +340,6 @@ class EvaluatorPool:
         self._cancel = True
 
     def shutdown(self) -> None:
-        for a in [*self.actors, self.board]:
+        for a in self.actors:
             with contextlib.suppress(Exception):  # a lost head or actor: nothing left to stop
                 ray.kill(a, no_restart=True)
