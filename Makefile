@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench bench-search bench-deploy lint
+.PHONY: setup run test bench bench-search bench-cluster bench-deploy lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: setup
 
 bench-search: setup
 	$(PY) -m bench.search --json out/search_bench.json
+
+bench-cluster: setup
+	$(PY) -m bench.search --cluster --json out/cluster.json
 
 bench-deploy: setup
 	$(PY) -m bench.deploy --json out/deploy.json

@@ -1,7 +1,8 @@
 """Faults against real processes: the service loses no job and no finished work.
 
-(a) A Ray actor process killed while it scores a candidate: Ray restarts the actor and retries
-    the task; the job succeeds with the result of an undisturbed run.
+(a) A Ray actor process killed while it scores a candidate: the pool hands the task to the next
+    ready actor (Ray restarts the killed one); the job succeeds with the result of an
+    undisturbed run.
 (b) The dispatcher (``tsptq worker``) killed mid-search: a new dispatcher requeues the stale job
     and resumes it without recomputing the candidates already stored; same result.
 (c) The API (``tsptq serve --api-only``) killed and restarted while a job runs: the job, run by
@@ -124,7 +125,8 @@ def test_a_ray_actor_killed_while_scoring(module):
     scored_before = len(store.candidates(job.id))
     os.kill(victim, signal.SIGKILL)
 
-    # Ray restarts the actor (max_restarts) in a new process and retries its task.
+    # The pool gives the lost task to the other actor; Ray restarts the killed one
+    # (max_restarts) in a new process, which may come up only after the 8 candidates are done.
     restarted: set[int] = set()
 
     def done_watching_restarts():
@@ -135,7 +137,6 @@ def test_a_ray_actor_killed_while_scoring(module):
     final = wait_for(done_watching_restarts, JOB_TIMEOUT, "the job", interval=0.05)
     assert final.status == "succeeded", (final.error, worker.output()[-3000:])
     assert victim not in descendants(worker.pid)
-    assert restarted, "no restarted actor process was seen"
     assert final.claims == 1 and scored_before < 8
     assert essence(final.result) == essence(module.reference)
     assert final.result["search"]["evaluations"] == 8
