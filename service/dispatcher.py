@@ -144,7 +144,7 @@ class Dispatcher:
                 log.info("job %s: cancelled", job_id)
             elif self.store.release(job_id, self.worker_id):
                 log.info("job %s: dispatcher stopping; requeued (its %d stored candidates are "
-                         "kept)", job_id, len(self.store.candidate_scores(job_id)))
+                         "kept)", job_id, self.store.candidate_count(job_id))
         except JobLost:
             log.warning("job %s: lost to another dispatcher; dropped", job_id)
         except RayUnavailable as e:
@@ -225,7 +225,7 @@ class Dispatcher:
         attempt; this dispatcher leaves the cluster and waits for its head (``run_once``)."""
         released = self.store.release(job_id, self.worker_id)
         log.warning("job %s: the Ray cluster was lost (%s); %s", job_id, _first_line(e),
-                    f"requeued with its {len(self.store.candidate_scores(job_id))} stored "
+                    f"requeued with its {self.store.candidate_count(job_id)} stored "
                     "candidates" if released else "it is no longer this dispatcher's")
         disconnect_ray()
 
