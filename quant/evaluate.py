@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inputs import Inputs, is_text
+from .inputs import EvalInputs, is_text
+from .stream import ImageStream, stream_logits
 from .text import embeddings_of, retrieval_logits
 
 
@@ -24,14 +26,23 @@ class Agreement:
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, x: Inputs, batch: int = 256) -> Tensor:
-    """Logits of every image; for a text encoder (``x`` a mapping of token tensors), the
+def logits_of(model: nn.Module, x: EvalInputs, batch: int = 256,
+              progress: Callable[[int], None] | None = None) -> Tensor:
+    """Logits of every image (a tensor, or an ``ImageStream`` read batch by batch; ``progress``
+    gets the images done); for a text encoder (``x`` a mapping of token tensors), the
     retrieval logits of the texts among themselves (``quant.text``), whose top-1 is each text's
     nearest neighbour, so ``compare`` with FP32's own top-1 as labels measures text too."""
     if is_text(x):
         return retrieval_logits(embeddings_of(model, x))
     dev = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch].to(dev)).float().cpu() for i in range(0, len(x), batch)])
+    if isinstance(x, ImageStream):
+        return stream_logits(model, x, dev, progress)  # in the stream's own batches
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(model(x[i:i + batch].to(dev)).float().cpu())
+        if progress is not None:
+            progress(min(i + batch, len(x)))
+    return torch.cat(out)
 
 
 def compare(fp_logits: Tensor, q_logits: Tensor, labels: Tensor) -> Agreement:

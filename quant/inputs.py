@@ -14,7 +14,11 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from .stream import ImageStream
+
 Inputs = Union[Tensor, Mapping[str, Tensor]]  # noqa: UP007  (a runtime alias on Python 3.10)
+# What evaluation reads: inputs in memory, or images streamed from a dataset in batches.
+EvalInputs = Union[Inputs, ImageStream]  # noqa: UP007
 
 # The keys a text batch may carry (what BERT-style encoders accept).
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -28,7 +32,7 @@ def count(x: Inputs) -> int:
     """Number of samples (images or texts); 0 for an empty mapping (no texts)."""
     if is_text(x):
         return int(x["input_ids"].shape[0]) if "input_ids" in x else 0
-    return int(x.shape[0])
+    return len(x) if isinstance(x, ImageStream) else int(x.shape[0])
 
 
 def take(x: Inputs, start: int, stop: int) -> Inputs:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from quant import Calibrator, QuantConfig
 from quant.evaluate import compare, logits_of
+from quant.stream import ImageStream
 
 from .space import Candidate
 
@@ -22,7 +23,7 @@ class Score:
 class Objective:
     """``objective(candidate) -> Score``, recalibrating only what the candidate changes."""
 
-    def __init__(self, model: nn.Module, calibrator: Calibrator, val_images: Tensor,
+    def __init__(self, model: nn.Module, calibrator: Calibrator, val_images: Tensor | ImageStream,
                  base: QuantConfig) -> None:
         self.calibrator, self.val_images, self.base = calibrator, val_images, base
         self.fp_logits = logits_of(model, val_images)

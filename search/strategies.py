@@ -90,6 +90,10 @@ class StopCriteria:
     target_agreement: float | None = None
 
 
+# ``SearchResult.stopped_by`` of a run that searched nothing: the base configuration, measured.
+SINGLE = "single_configuration"
+
+
 @dataclass
 class SearchResult:
     best: Candidate
@@ -105,6 +109,8 @@ class SearchResult:
 
     @property
     def message(self) -> str:
+        if self.stopped_by == SINGLE:
+            return "one configuration calibrated and measured (strategy none: no search, no budget)"
         parts = [f"stopped by {self.stopped_by}"]
         if not self.met_budget:
             parts.append("the best candidate found does not meet the budget")

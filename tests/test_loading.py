@@ -77,10 +77,10 @@ def test_image_folder_data(tmp_path):
     model = load_model("vit_tiny_patch16_224", "random", **VIT_KWARGS)
     data = image_folder_data(tmp_path, model, calib_size=4, seed=0)
     assert data.calib.shape == (4, 3, 32, 32)
-    assert data.x_test.shape == (6, 3, 32, 32)
+    assert len(data.x_test) == 6 and data.x_test.head(6).shape == (6, 3, 32, 32)
     assert sorted(data.y_test.tolist()) == [0, 0, 0, 1, 1, 1]
     qmodel = quantize(model, data.calib, QuantConfig(**FAST))
-    assert qmodel(data.x_test).shape == (6, 10)
+    assert qmodel(data.x_test.head(6)).shape == (6, 10)
     with pytest.raises(FileNotFoundError, match="ImageFolder"):
         image_folder_data(tmp_path / "train", model)
 

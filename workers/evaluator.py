@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from quant import Calibrator, QuantConfig
+from quant.stream import ImageStream
 from search.objective import Objective, Score
 from search.space import Candidate
 from search.strategies import SearchCancelled
@@ -34,7 +35,7 @@ class JobContext:
 
     model: nn.Module
     calibrator: Calibrator
-    val_images: Tensor
+    val_images: Tensor | ImageStream
     base: QuantConfig
 
 
@@ -49,7 +50,10 @@ class CandidateEvaluator:
         ctx = context
         if device == "cuda":
             ctx.model = ctx.model.to(device)
-        self.objective = Objective(ctx.model, ctx.calibrator, ctx.val_images, ctx.base)
+        val = ctx.val_images
+        if isinstance(val, ImageStream):  # read here, in this actor's one CPU
+            val = val.in_process()
+        self.objective = Objective(ctx.model, ctx.calibrator, val, ctx.base)
         self.pid = os.getpid()
 
     def score(self, candidate: dict, shared: list[dict] = ()) -> tuple[float, float, dict]:

@@ -29,6 +29,7 @@ from quant.zoo.text import TextData, text_data
 from search.objective import Objective, Score
 from search.space import Candidate, SearchSpace
 from search.strategies import (
+    SINGLE,
     Budget,
     EvolutionSettings,
     SearchResult,
@@ -102,11 +103,8 @@ def load_data(inputs: JobInputs, model: torch.nn.Module) -> EvalData | TextData:
         return text_data(inputs.calib_size, seed, val_size=inputs.val_size,
                          test_limit=inputs.test_limit)
     if str(inputs.data) == "digits":
-        data = digits_data(inputs.calib_size, seed, val_size=inputs.val_size)
-        if inputs.test_limit is not None:
-            data = EvalData(data.calib, data.x_test[:inputs.test_limit],
-                            data.y_test[:inputs.test_limit], data.calib_ids, data.x_val)
-        return data
+        return digits_data(inputs.calib_size, seed, val_size=inputs.val_size,
+                           test_limit=inputs.test_limit)
     return image_folder_data(inputs.data, model, inputs.calib_size, seed,
                              limit=inputs.test_limit, val_size=inputs.val_size)
 
@@ -138,7 +136,7 @@ def _search(inputs: JobInputs, run: SearchRun) -> SearchResult:
         return evolutionary_search(run, inputs.evolution)
     run.expect(1)
     run.evaluate([Candidate.make()])
-    return run.result()
+    return run.result(stopped_by=SINGLE)
 
 
 def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> JobOutput:
@@ -153,6 +151,8 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
 
     progress(0, 0)
     base = inputs.config
+    # ``none`` measures the base configuration: no search, so no budget to meet or miss.
+    budget = inputs.budget if inputs.strategy != "none" else Budget()
     if inputs.strategy != "none":
         from .evaluator import ensure_ray
 
@@ -190,7 +190,7 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
         # on the calibration images; it chooses nothing, and the report says so.
         val = data.x_val if n_val else data.calib
         objective = pool if pool is not None else Objective(model, calibrator, val, base)
-        run = SearchRun(space, objective, inputs.budget, inputs.stop,
+        run = SearchRun(space, objective, budget, inputs.stop,
                         evaluate_many=pool.map if pool is not None else None,
                         known=hooks.known, on_scored=on_scored, progress=progress,
                         cancelled=hooks.cancelled)
@@ -205,11 +205,21 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     best = calibrator.calibrate(result.best.config(base))
     text = is_text(data.x_test)
     y_test = None if text else data.y_test
+    n_test = count(data.x_test)
+
+    def images_done(what: str):
+        """Progress of a pass over the test images: images done of ``n_test``."""
+        def report(done: int) -> None:
+            if hooks.progress is not None:
+                hooks.progress(done, n_test, f"test images: {what}")
+        return report
+
     if text:  # cosine and nearest-neighbour agreement of the sentence embeddings
         fp_out, q_out = embeddings_of(model, data.x_test), embeddings_of(best, data.x_test)
         test_metrics = compare_embeddings(fp_out, q_out).to_dict()
     else:
-        fp_out, q_out = logits_of(model, data.x_test), logits_of(best, data.x_test)
+        fp_out = logits_of(model, data.x_test, progress=images_done("FP32"))
+        q_out = logits_of(best, data.x_test, progress=images_done("quantized"))
         test_metrics = compare(fp_out, q_out, y_test).to_dict()
     name = f"{inputs.model}_{base.method}_w{base.w_bits}a{base.a_bits}"
     ckpt = save_quantized(best, out_dir / f"{name}.safetensors", metrics=test_metrics)
@@ -226,7 +236,8 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     except ExportError as e:  # a family or quantizer with no ONNX form: the result says which
         onnx_metrics = onnx_unavailable(base.setting, str(e))
     else:
-        onnx_metrics = evaluate_onnx(onnx_path, data.x_test, y_test, fp_out, q_out, form)
+        onnx_metrics = evaluate_onnx(onnx_path, data.x_test, y_test, fp_out, q_out, form,
+                                     progress=images_done("ONNX Runtime"))
         files.append(("onnx", onnx_path, ONNX_MEDIA_TYPE))
     onnx_s = time.perf_counter() - t_onnx
     stage = "artifacts"
@@ -250,10 +261,11 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
            "search": summary, "onnx": onnx_metrics}
     report = {"model": inputs.model, "weights": str(inputs.weights), "strategy": inputs.strategy,
               "config": asdict(base), "seed": base.seed, "result": out, "pareto_front": front,
-              "budget": asdict(inputs.budget), "stop": asdict(inputs.stop),
+              "budget": asdict(budget), "stop": asdict(inputs.stop),
               "calibration_sample_ids": data.calib_ids, "inputs": "texts" if text else "images",
               **({"corpus_digest": data.corpus_digest} if text else {}),
-              "test_images": count(data.x_test),
+              "test_images": n_test,
+              **({} if text else {"samples": data.samples()}),
               "validation_images": n_val,
               "candidates_scored_on": "validation" if n_val else "calibration",
               "layers": best.layer_report(),

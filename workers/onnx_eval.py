@@ -61,7 +61,7 @@ class OnnxModule(nn.Module):
 
 
 def evaluate_onnx(path: str | Path, x_test, y_test: Tensor | None, fp32: Tensor,
-                  simulator: Tensor, form: str = "integer") -> dict:
+                  simulator: Tensor, form: str = "integer", progress=None) -> dict:
     """ONNX Runtime's metrics on the test split. ``fp32`` and ``simulator``: the FP32 model's
     and the simulator's logits (images) or sentence embeddings (texts) on the same inputs."""
     ort_model = OnnxModule(path)
@@ -69,7 +69,7 @@ def evaluate_onnx(path: str | Path, x_test, y_test: Tensor | None, fp32: Tensor,
         got = embeddings_of(ort_model, x_test)
         metrics = compare_embeddings(fp32, got).to_dict()
     else:
-        got = logits_of(ort_model, x_test)
+        got = logits_of(ort_model, x_test, progress=progress)
         metrics = compare(fp32, got, y_test).to_dict()
     import onnxruntime as ort
 

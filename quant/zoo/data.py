@@ -1,25 +1,47 @@
-"""Calibration and evaluation data: the bundled digits, or an ImageFolder directory."""
+"""Calibration and evaluation data: the bundled digits, or an ImageFolder directory.
+
+Calibration images are few (32 by default) and held as one tensor. An ImageFolder's test and
+validation images are ``ImageStream``s, read in batches by DataLoader workers with the model's
+own timm preprocessing, so an ImageNet-size directory is never held whole. Subsets
+(``test_limit``, the validation draw) are seeded and class-stratified (``stratified_sample``);
+the report names each sample by the sha256 of its ids (``EvalData.samples``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..stream import ImageStream, stratified_sample
 from .digits import load_digits_split
 
 
 @dataclass(frozen=True)
 class EvalData:
     calib: Tensor      # (N, 3, H, W), normalised for the model
-    x_test: Tensor
+    x_test: Tensor | ImageStream
     y_test: Tensor
     calib_ids: list[int]  # indices of the calibration images in their source split
     # Held-out images for choosing between candidates: training images calibration did not
     # use (never the test split, which only reports accuracy). Empty unless asked for.
-    x_val: Tensor = field(default_factory=lambda: torch.empty(0))
+    x_val: Tensor | ImageStream = field(default_factory=lambda: torch.empty(0))
+    test_ids: list[int] | None = None  # the test sample's indices in its split (None: all)
+    val_ids: list[int] = field(default_factory=list)
+
+    def samples(self) -> dict:
+        """What each evaluation sample is, for the report: its size and the sha256 of its ids."""
+        def named(ids: list[int] | None, n: int) -> dict:
+            ids = list(range(n)) if ids is None else ids
+            return {"images": n, "ids_sha256": hashlib.sha256(
+                ",".join(map(str, ids)).encode()).hexdigest()}
+
+        return {"test": {**named(self.test_ids, len(self.y_test)),
+                         "subset": "all" if self.test_ids is None else "class-stratified"},
+                "validation": named(self.val_ids, len(self.val_ids))}
 
 
 def pick_calibration(n_total: int, n: int, seed: int) -> list[int]:
@@ -36,18 +58,29 @@ def pick_validation(n_total: int, calib_ids: list[int], n: int, seed: int) -> li
     return sorted(rest[i] for i in torch.randperm(len(rest), generator=g)[: min(n, len(rest))])
 
 
-def digits_data(calib_size: int = 32, seed: int = 0, val_size: int = 0) -> EvalData:
+def digits_data(calib_size: int = 32, seed: int = 0, val_size: int = 0,
+                test_limit: int | None = None) -> EvalData:
+    """The bundled digits. Their validation draw stays a uniform seeded draw (the split is
+    near-balanced, 143-146 images per class, so it is unbiased; every recorded search number
+    was scored on it); ``test_limit`` takes a class-stratified sample of the test split."""
     split = load_digits_split()
     ids = pick_calibration(len(split.x_train), calib_size, seed)
     val = pick_validation(len(split.x_train), ids, val_size, seed)
-    return EvalData(split.x_train[ids], split.x_test, split.y_test, ids, split.x_train[val])
+    x_test, y_test, test_ids = split.x_test, split.y_test, None
+    if test_limit is not None and test_limit < len(y_test):
+        test_ids = stratified_sample(y_test, test_limit, seed)
+        x_test, y_test = x_test[test_ids], y_test[test_ids]
+    return EvalData(split.x_train[ids], x_test, y_test, ids, split.x_train[val], test_ids, val)
 
 
 def image_folder_data(root: str | Path, model: nn.Module, calib_size: int = 32, seed: int = 0,
-                      limit: int | None = None, val_size: int = 0) -> EvalData:
-    """``root/train`` (calibration, and ``val_size`` other images that score search
-    candidates) and ``root/val`` (evaluation) in torchvision's ImageFolder layout, preprocessed
-    with the model's own timm data config (as its weights expect)."""
+                      limit: int | None = None, val_size: int = 0,
+                      workers: int = 2) -> EvalData:
+    """``root/train`` (calibration, and ``val_size`` other images, class-stratified, that
+    score search candidates) and ``root/val`` (evaluation; ``limit``: a class-stratified sample
+    of it) in torchvision's ImageFolder layout, preprocessed with the model's own timm data
+    config (as its weights expect). Test and validation images are streamed (``workers``
+    DataLoader processes), never held whole."""
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
@@ -67,8 +100,14 @@ def image_folder_data(root: str | Path, model: nn.Module, calib_size: int = 32, 
         raise ValueError(f"{root}: no images found")
     ids = pick_calibration(len(train), calib_size, seed)
     calib = torch.stack([train[i][0] for i in ids])
-    n_val = len(val) if limit is None else min(limit, len(val))
-    xs, ys = zip(*(val[i] for i in range(n_val)), strict=True)
-    held_out = pick_validation(len(train), ids, val_size, seed)
-    x_val = torch.stack([train[i][0] for i in held_out]) if held_out else torch.empty(0)
-    return EvalData(calib, torch.stack(xs), torch.tensor(ys), ids, x_val)
+    test_labels = torch.tensor(val.targets)
+    test_ids = None
+    if limit is not None and limit < len(val):
+        test_ids = stratified_sample(test_labels, limit, seed)
+    picked = list(range(len(val))) if test_ids is None else test_ids
+    x_test = ImageStream(val, tuple(picked), test_labels[picked], workers=workers)
+    held_out = stratified_sample(train.targets, val_size, seed + 1, exclude=ids) if val_size else []
+    train_labels = torch.tensor(train.targets)
+    x_val = (ImageStream(train, tuple(held_out), train_labels[held_out], workers=workers)
+             if held_out else torch.empty(0))
+    return EvalData(calib, x_test, x_test.labels, ids, x_val, test_ids, held_out)
