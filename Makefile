@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench bench-search bench-cluster bench-deploy lint
+.PHONY: setup run test bench bench-choices bench-search bench-cluster bench-deploy lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.accuracy --json out/accuracy.json
+
+bench-choices: setup
+	$(PY) -m bench.choices --json out/choices.json
 
 bench-search: setup
 	$(PY) -m bench.search --json out/search_bench.json

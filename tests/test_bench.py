@@ -170,3 +170,38 @@ def test_rounding_rows_score_validation_and_test(tiny_vit, images, monkeypatch):
                for r in rows)
     assert rows[0]["kl"] != rows[1]["kl"]  # the rounding changed the model
     assert "| tsptq" in acc.table(rows, acc.ROUNDING_COLUMNS)
+
+
+def test_choices_score_each_option_and_decide_on_validation(tiny_vit, images, monkeypatch,
+                                                            capsys):
+    """bench.choices on a tiny option set: one row per option, the default marked, test
+    metrics beside validation ones, and a decision that reads validation only."""
+    import bench.accuracy as acc
+    from bench.choices import Choice, decide, digits_rows, report
+
+    labels = logits_of(tiny_vit, images).argmax(-1)
+    data = EvalData(images[:8], images, labels, list(range(8)), images[8:])
+    real = acc.quantize
+    monkeypatch.setattr(acc, "quantize", lambda model, calib, cfg: real(
+        model, calib, QuantConfig(**{**cfg.__dict__, **FAST})))
+    choice = Choice("coarse_offset", (("off", {"coarse_offset": False}),
+                                      ("on", {"coarse_offset": True})))
+    rows = digits_rows(tiny_vit, {0: data}, (choice,), widths=((8, 8),))
+    assert [(r["option"], r["default"]) for r in rows] == [("off", True), ("on", False)]
+    assert all(0 <= r["val_agreement"] <= 1 and r["val_kl"] >= 0 and "top1" in r for r in rows)
+    decisions = report("tiny", (choice,), rows, ["option", "val_kl", "kl"], "val_agreement")
+    assert decisions[0]["chosen"] in ("off", "on") and "## tiny: decisions" in (
+        capsys.readouterr().out)
+
+    def row(option, kl, agree, default=False, seed=0):
+        return {"option": option, "val_kl": kl, "val_agreement": agree, "default": default,
+                "seed": seed, "kl": 1.0 - kl}  # test KL says the opposite: never read
+
+    assert decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.5, 0.9)])["chosen"] == "on"
+    # Within the tie band the agreement decides, then the default.
+    assert decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.99, 0.95)])["chosen"] == "on"
+    assert decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.99, 0.9)])["chosen"] == "off"
+    # Every draw counts: a win on one draw, a larger loss on the other.
+    two = decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.8, 0.9),
+                          row("off", 1.0, 0.9, True, 1), row("on", 1.5, 0.9, seed=1)])
+    assert two["chosen"] == "off" and two["scores"]["on"]["val_kl_per_draw"] == [0.8, 1.5]
