@@ -29,7 +29,10 @@ class Capture:
     """What to keep of the activations during the statistics pass."""
 
     rows: int = 2048
-    elements: int = 1 << 21  # per attention tensor
+    # Per attention probability tensor (B·H·N·N) and per patch-embedding input: beyond it, rows
+    # (query rows, patches) are sampled from every image (``QAttention._capture_attention``,
+    # ``QConv2d._capture``).
+    elements: int = 1 << 21
     grads: bool = False
     # Also sum xᵀx over every real input row of each weighted layer (GPTQ's Hessian).
     input_hessian: bool = False
@@ -66,6 +69,19 @@ def capture_rows(x: Tensor, capture: Capture,
     pool = x2 if real is None else x2[real]
     idx = sample_rows(pool, capture.rows, capture.generator)
     return x2, idx if real is None else real[idx], pool
+
+
+def pick_per_image(scores: Tensor, forced: list[Tensor], count: int,
+                   padding: Tensor | None = None) -> Tensor:
+    """Indices (…, ``count``) along the last axis of ``scores`` (…, n), ascending: the
+    ``forced`` positions (…) first, then real positions in the order of ``scores`` (uniform
+    random draws), then ``padding`` (…, n) positions last."""
+    scores = scores.clone()
+    if padding is not None:
+        scores = scores + 2 * padding.to(scores.dtype)
+    for i, f in enumerate(forced):
+        scores.scatter_(-1, f.unsqueeze(-1), float(i - len(forced)))
+    return scores.topk(count, dim=-1, largest=False).indices.sort(dim=-1).values
 
 
 def sample_rows(x2: Tensor, rows: int, gen: torch.Generator) -> Tensor:
@@ -361,7 +377,7 @@ class QLinear(QWeighted):
 
 
 class QConv2d(QWeighted):
-    """The patch-embedding convolution: activations sampled by whole images."""
+    """The patch-embedding convolution: activations sampled by patches of every image."""
 
     def __init__(self, conv: nn.Conv2d, input_q: Quantizer, weight_q: UniformQuantizer) -> None:
         super().__init__()
@@ -381,10 +397,45 @@ class QConv2d(QWeighted):
                         padding=self.padding, stride=self.stride)  # (N, C·kh·kw, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
+    def _patchwise(self) -> bool:
+        """Stride = kernel, no padding, no dilation (ViT, DeiT and Swin patch embeddings): every
+        output pixel reads one patch of its own, so patches can be sampled independently."""
+        return (tuple(self.stride) == tuple(self.weight.shape[2:])
+                and tuple(self.dilation) == (1, 1)
+                and self.padding in ((0, 0), "valid"))
+
     def _capture(self, x: Tensor, out: Tensor) -> None:
-        n = max(1, min(len(x), self.capture.elements // max(1, x[0].numel())))
-        self.stats["x"] = x.detach()[:n]
-        self._grad_hook(out, "g", lambda g: g[:n])
+        """The whole input while it fits ``Capture.elements``. Beyond it, a patch embedding
+        keeps p patches of every image (p = elements // (B·patch)): random ones from the seeded
+        generator plus the patches holding the image's min and max, so the sample keeps the
+        input's full range. An image's patches are laid side by side as one strip (B, C, kh,
+        p·kw): the convolution of the strip gives exactly those patches' outputs, in the same
+        (B, O, 1, p) layout as the gradient kept for them, and an image still forms rows of
+        outputs. Every image contributes, where keeping whole images left most out (13 of 32
+        on ViT-B at 224). Other convolutions read overlapping or padded windows, whose outputs
+        a batch of patches does not reproduce: they keep the first whole images."""
+        x = x.detach()
+        cap = self.capture
+        if len(x) * x[0].numel() <= cap.elements or not self._patchwise():
+            n = max(1, min(len(x), cap.elements // max(1, x[0].numel())))
+            self.stats["x"] = x[:n]
+            self._grad_hook(out, "g", lambda g: g[:n])
+            return
+        (b, c), (kh, kw), (hp, wp) = x.shape[:2], self.weight.shape[2:], out.shape[2:]
+        patches = x[:, :, :hp * kh, :wp * kw].reshape(b, c, hp, kh, wp, kw).permute(
+            0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c, kh, kw)
+        p = max(1, min(hp * wp, cap.elements // (b * c * kh * kw)))
+        flat = patches.reshape(b, hp * wp, -1)
+        scores = torch.rand(b, hp * wp, generator=cap.generator).to(x.device)
+        idx = pick_per_image(scores, [flat.amax(-1).argmax(-1), flat.amin(-1).argmin(-1)], p)
+        picked = patches[torch.arange(b, device=x.device)[:, None], idx]  # (B, p, C, kh, kw)
+        self.stats["x"] = picked.permute(0, 2, 3, 1, 4).reshape(b, c, kh, p * kw)
+
+        def strip(g: Tensor) -> Tensor:
+            g = g.flatten(2).gather(2, idx[:, None, :].expand(-1, g.shape[1], -1))
+            return g.unsqueeze(2)  # (B, O, 1, p)
+
+        self._grad_hook(out, "g", strip)
 
 
 class QLayerNorm(QuantModule):
@@ -469,13 +520,47 @@ class QAttention(QuantModule):
         a = self.attn_drop(logits.softmax(dim=-1))
         out = self.a_q(a) @ self.v_q(v)
         if self.capture is not None:
-            m = max(1, min(b, self.capture.elements // max(1, a[0].numel())))
-            keep = self.capture.keep_tokens  # padding queries and keys count for nothing
-            self.stats.update(q=keep(q.detach()[:m]), k=keep(k.detach()[:m]),
-                              v=keep(v.detach()[:m]), a=keep(a.detach()[:m]))
-            self._grad_hook(logits, "g_logits", lambda g: g[:m])
-            self._grad_hook(out, "g_out", lambda g: g[:m])
+            self._capture_attention(q, k, v, a, logits, out)
         return out.transpose(1, 2).reshape(b, n, -1)
+
+    def _capture_attention(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, logits: Tensor,
+                           out: Tensor) -> None:
+        """Keep Q, K, V and A of every image (padding queries and keys zeroed: they count for
+        nothing). K and V stay whole (B·H·N·D, the size of the qkv output): a query's logits
+        and its output read every key. Where A (B·H·N·N) is over ``Capture.elements``, each
+        image and head keeps r = elements // (B·H·N) query rows of Q and A, and of the
+        gradients at the logits and at the output: random real rows from the seeded generator,
+        plus the rows holding Q's min and max and A's max, so that the sampled tensors keep
+        their full range, and token 0 (the class token: in a classifier's last block the only
+        row with a gradient, the only one the Hessian metric weighs). The same rows
+        everywhere, so Q_s·Kᵀ and A_s·V are exactly those rows of the full products, and the
+        row-wise (integer) Softmax sees whole rows. Every calibration loss is a mean over
+        rows, which a random row sample of every image estimates (the forced rows aside); the first
+        images alone (4 of 32 on ViT-B at 224) left the rest of the calibration set out."""
+        keep = self.capture.keep_tokens
+        q, k, v, a = (keep(t.detach()) for t in (q, k, v, a))
+        b, h, n, _ = a.shape
+        r = self.capture.elements // max(1, b * h * n)
+        if r >= n:
+            self.stats.update(q=q, k=k, v=v, a=a)
+            self._grad_hook(logits, "g_logits", lambda g: g)
+            self._grad_hook(out, "g_out", lambda g: g)
+            return
+        mask = self.capture.token_mask
+        padding = None
+        if mask is not None and tuple(mask.shape) == (b, n):
+            padding = ~mask.to(a.device, torch.bool)[:, None, :].expand(b, h, n)
+        first = torch.zeros(b, h, dtype=torch.long, device=a.device)
+        forced = [first, q.amax(-1).argmax(-1), q.amin(-1).argmin(-1), a.amax(-1).argmax(-1)]
+        scores = torch.rand(b, h, n, generator=self.capture.generator).to(a.device)
+        rows = pick_per_image(scores, forced, max(1, r), padding)
+
+        def pick(t: Tensor) -> Tensor:
+            return t.gather(2, rows[..., None].expand(-1, -1, -1, t.shape[-1]))
+
+        self.stats.update(q=pick(q), k=k, v=v, a=pick(a))
+        self._grad_hook(logits, "g_logits", pick)
+        self._grad_hook(out, "g_out", pick)
 
     def calibrate(self, config: QuantConfig) -> None:
         s = self.stats
