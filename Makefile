@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench bench-choices bench-search bench-cluster bench-deploy lint
+.PHONY: setup run test bench bench-choices bench-search bench-cluster bench-deploy bench-scale lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-cluster: setup
 
 bench-deploy: setup
 	$(PY) -m bench.deploy --json out/deploy.json
+
+bench-scale: setup
+	$(PY) -m bench.scale --json out/scale.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

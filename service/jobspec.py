@@ -32,9 +32,12 @@ class DataSpec(Strict):
                         "data roots, relative to it")
     calib_size: int = Field(32, ge=1, le=1024, description="calibration images")
     val_size: int = Field(256, ge=1, le=10_000,
-                          description="held-out training images that score search candidates")
+                          description="held-out training images that score search candidates "
+                          "(an ImageFolder's: a seeded class-stratified draw)")
     test_limit: int | None = Field(None, ge=1, le=100_000,
-                                   description="evaluate on at most this many test images")
+                                   description="evaluate on a seeded class-stratified sample of "
+                                   "this many test images (the report names it by the sha256 "
+                                   "of its ids)")
 
 
 class QuantSpec(Strict):

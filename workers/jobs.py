@@ -208,14 +208,15 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     n_test = count(data.x_test)
 
     def images_done(what: str):
-        """Progress of a pass over the test images: images done of ``n_test``."""
+        """Progress of a pass over the test samples: done of ``n_test``."""
         def report(done: int) -> None:
             if hooks.progress is not None:
-                hooks.progress(done, n_test, f"test images: {what}")
+                hooks.progress(done, n_test, f"test {'texts' if text else 'images'}: {what}")
         return report
 
     if text:  # cosine and nearest-neighbour agreement of the sentence embeddings
-        fp_out, q_out = embeddings_of(model, data.x_test), embeddings_of(best, data.x_test)
+        fp_out = embeddings_of(model, data.x_test, progress=images_done("FP32"))
+        q_out = embeddings_of(best, data.x_test, progress=images_done("quantized"))
         test_metrics = compare_embeddings(fp_out, q_out).to_dict()
     else:
         fp_out = logits_of(model, data.x_test, progress=images_done("FP32"))
