@@ -71,13 +71,15 @@ def greedy_candidates(space: SearchSpace) -> dict:
             "candidates_at_most": 1 + probes + 2 * steps}
 
 
-def time_model(name: str, data_root: Path) -> dict:
+def time_model(name: str, data_root: Path, calib: int = CALIB, val: int = VAL,
+               **model_kwargs) -> dict:
+    """The timing row of one model (random weights; ``model_kwargs`` shrink it in tests)."""
     torch.manual_seed(0)
-    model = load_model(name, "random").eval()
+    model = load_model(name, "random", **model_kwargs).eval()
     params = sum(p.numel() for p in model.parameters())
-    data = image_folder_data(data_root, model, CALIB, seed=0, limit=VAL, val_size=VAL)
-    _, forward_s = _timed(lambda: logits_of(model, data.calib, batch=CALIB))
-    row: dict = {"model": name, "params_m": round(params / 1e6, 2),
+    data = image_folder_data(data_root, model, calib, seed=0, limit=val, val_size=val)
+    _, forward_s = _timed(lambda: logits_of(model, data.calib, batch=calib))
+    row: dict = {"model": name, "params_m": round(params / 1e6, 3),
                  "forward_32_s": round(forward_s, 2)}
     calibrator = Calibrator(model, data.calib, QuantConfig())
     base = QuantConfig()
@@ -216,7 +218,9 @@ def service_memory(root: Path, test_limits: list[int | None]) -> list[dict]:
                 client.close()
                 stop_server(proc)
             result = job["result"]
-            row = {"test_images": report["test_images"], **peaks.summary(),
+            test = report["samples"]["test"]
+            row = {"test_images": report["test_images"], "classes": test["classes"],
+                   "per_class": test["per_class"], **peaks.summary(),
                    "job_s": round(job["timings"]["total_s"], 1) if job.get("timings") else None,
                    "top1": result["top1"], "onnx_top1": result["onnx"].get("top1"),
                    "checkpoint_served": served}
@@ -278,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                                        / max(max(small["ray_workers_mb"], default=1), 1), 2)}
         report["memory_ratio_full_to_1000"] = ratios
         print("\n## Service job on deit_small_patch16_224: peak resident memory (MB)\n")
-        print(table(rows, ["test_images", "dispatcher_mb", "data_loader_worker_mb",
+        print(table(rows, ["test_images", "classes", "per_class", "dispatcher_mb",
+                           "data_loader_worker_mb",
                            "ray_workers_mb", "job_s", "top1", "onnx_top1",
                            "checkpoint_served"]))
         print(f"\nPeak memory, every test image against 1,000: {ratios}")

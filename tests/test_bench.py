@@ -205,3 +205,19 @@ def test_choices_score_each_option_and_decide_on_validation(tiny_vit, images, mo
     two = decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.8, 0.9),
                           row("off", 1.0, 0.9, True, 1), row("on", 1.5, 0.9, seed=1)])
     assert two["chosen"] == "off" and two["scores"]["on"]["val_kl_per_draw"] == [0.8, 1.5]
+
+
+def test_scale_bench_timing_row_on_a_small_folder(tmp_path):
+    from bench.imagefolder import FolderSpec, write_image_folder
+    from bench.scale import time_model
+
+    root = write_image_folder(tmp_path / "f", FolderSpec(classes=4, train_per_class=4,
+                                                         val_per_class=2, size=32))
+    row = time_model("vit_tiny_patch16_224", root, calib=4, val=8, img_size=32, patch_size=8,
+                     depth=1, num_classes=4)
+    assert row["forward_32_s"] > 0 and row["calibration_full_s"] > 0
+    assert row["calibration_integer_s"] > 0 and row["s_per_candidate"] > 0
+    assert row["fp32_images_per_s"] > 0 and row["quantized_images_per_s"] > 0
+    # one block: its searched quantizers, each probed at every lower width
+    assert row["probes"] == 3 * row["quantizers"]
+    assert row["candidates_at_most"] == 1 + row["probes"] + 2 * row["max_steps"]

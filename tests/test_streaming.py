@@ -66,7 +66,7 @@ def test_image_folder_streams_test_and_validation_images(folder):
     assert done == [3, 6, 9, 10]
     samples = data.samples()
     assert samples["test"] == {"images": 10, "ids_sha256": samples["test"]["ids_sha256"],
-                               "subset": "class-stratified"}
+                               "subset": "class-stratified", "classes": 5, "per_class": [2, 2]}
     again = image_folder_data(folder, model, calib_size=4, seed=0, limit=10, val_size=10)
     assert again.samples() == samples  # the same seed names the same samples
 

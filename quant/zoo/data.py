@@ -39,8 +39,13 @@ class EvalData:
             return {"images": n, "ids_sha256": hashlib.sha256(
                 ",".join(map(str, ids)).encode()).hexdigest()}
 
+        per_class = torch.bincount(self.y_test.to(torch.int64))
+        per_class = per_class[per_class > 0]
         return {"test": {**named(self.test_ids, len(self.y_test)),
-                         "subset": "all" if self.test_ids is None else "class-stratified"},
+                         "subset": "all" if self.test_ids is None else "class-stratified",
+                         "classes": len(per_class),
+                         "per_class": [int(per_class.min()), int(per_class.max())]
+                         if len(per_class) else [0, 0]},
                 "validation": named(self.val_ids, len(self.val_ids))}
 
 
