@@ -110,3 +110,18 @@ def test_search_run_on_a_folder_names_its_samples_and_says_what_none_did(folder,
     out = capsys.readouterr().out
     assert "one configuration calibrated and measured" in out and "budget" not in out.split(
         "one configuration")[0]
+
+
+def test_a_stop_during_the_test_evaluation_ends_it_at_the_next_batch(tmp_path):
+    from search.strategies import SearchCancelled
+    from workers.jobs import JobHooks, JobInputs, run_job
+
+    stages: list[tuple[int, str]] = []
+    hooks = JobHooks(progress=lambda done, total, stage: stages.append((done, stage)),
+                     cancelled=lambda: any(s.startswith("test images") for _, s in stages))
+    inputs = JobInputs(calib_size=8, val_size=8, plots=False)
+    with pytest.raises(SearchCancelled, match="evaluating the test split"):
+        run_job(inputs, tmp_path, hooks)
+    tested = [d for d, s in stages if s.startswith("test images")]
+    assert tested == [256]  # the first batch of 360 images, then it stopped
+    assert not list(tmp_path.glob("*.safetensors"))

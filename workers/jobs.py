@@ -32,6 +32,7 @@ from search.strategies import (
     SINGLE,
     Budget,
     EvolutionSettings,
+    SearchCancelled,
     SearchResult,
     SearchRun,
     StopCriteria,
@@ -208,10 +209,14 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     n_test = count(data.x_test)
 
     def images_done(what: str):
-        """Progress of a pass over the test samples: done of ``n_test``."""
+        """Progress of a pass over the test samples (done of ``n_test``). A pass over 10,000
+        images takes minutes: a cancelled job, or a dispatcher asked to stop, stops it at the
+        next batch."""
         def report(done: int) -> None:
             if hooks.progress is not None:
                 hooks.progress(done, n_test, f"test {'texts' if text else 'images'}: {what}")
+            if hooks.cancelled is not None and hooks.cancelled():
+                raise SearchCancelled(f"stopped while evaluating the test split ({what})")
         return report
 
     if text:  # cosine and nearest-neighbour agreement of the sentence embeddings
