@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 JOB = {"model": "deit_small_patch16_224", "weights": "random",
        "data": {"source": "folder", "calib_size": 4, "val_size": 4, "test_limit": 10},
-       "search": {"strategy": "greedy", "budget_weight_bits": 6, "max_candidates": 2}}
+       "search": {"strategy": "greedy", "budget_weight_bits": 6, "max_candidates": 2},
+       "artifacts": {"plots": False}}
 
 
 def test_deit_small_job_on_an_image_folder(tmp_path):
