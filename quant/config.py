@@ -52,19 +52,24 @@ class QuantConfig:
     # accumulators, dyadic requantization, integer Softmax, GELU and LayerNorm, the residual
     # stream in integers. The float twin is calibrated as under "full", then lowered.
     setting: str = "full"
-    # PTQ4ViT's Hessian-guided metric: measured best for every method on the digits ViT.
+    # PTQ4ViT's Hessian-guided metric: against MSE and cosine, the lowest validation KL over
+    # every method and width on the digits ViT (``bench.choices``; BENCHMARKS.md, "Defaults
+    # chosen on validation", which has MiniLM's too).
     metric: str = "hessian"
     calib_size: int = 32
     seed: int = 0
-    # Candidates per scale search (METHOD.md section 3 suggests 100; 50 loses nothing measurable).
+    # Candidates per scale search (METHOD.md section 3 suggests 100; on the digits ViT's
+    # validation images 50 has the lower KL: ``bench.choices``).
     search_points: int = 50
     # Rows (tokens) of each captured activation used to score candidates.
     search_rows: int = 2048
     outlier_rule: str = "threshold"
     # Beyond the paper: O-2SF on the inputs of qkv and fc1 too (tsptq only). None: the model
-    # family's choice (``ModelAdapter.post_ln_two_scale``): off for timm ViT/Swin (an ablation
-    # there), on for BERT encoders, whose post-LayerNorm activations carry outlier channels of
-    # their own (MiniLM W6A6: mean cosine 0.961 with a per-tensor scale there, 0.980 with O-2SF).
+    # family's choice (``ModelAdapter.post_ln_two_scale``): on for BERT encoders, whose
+    # post-LayerNorm activations carry outlier channels of their own; off for timm ViT/Swin,
+    # though the digits ViT's validation images prefer it: a family's choice is what a saved
+    # checkpoint's ``None`` rebuilds with, so switching waits for versioned recipes. Both:
+    # BENCHMARKS.md, "Defaults chosen on validation" (``bench.choices``).
     post_ln_two_scale: bool | None = None
     # RepQ-ViT's scale reparameterization of the qkv and fc1 inputs (``quant.reparam``): the peer
     # that ``post_ln_two_scale`` is measured against. timm ViTs with pre-norm blocks only (in a
@@ -73,18 +78,24 @@ class QuantConfig:
     # O-2SF: a channel whose grid cannot hold its range keeps its bulk (the end nearer zero)
     # and clips the far tail, where a clamped centred zero point clipped the bulk (see
     # ChannelPow2Quantizer). None: the family's choice (``ModelAdapter.keep_bulk``): off for
-    # timm (the paper's grid; the digits ViT never meets the case), on for BERT encoders (MiniLM
-    # W8A8: KL of the retrieval distributions 0.0075 -> 0.0056).
+    # timm (the paper's grid; the digits ViT never meets the case: bit-identical either way), on
+    # for BERT encoders (MiniLM's validation texts: BENCHMARKS.md, "Defaults chosen on
+    # validation").
     keep_bulk: bool | None = None
     # Token 0 of every sequence gets input quantizers of its own, in every LayerNorm and Linear
     # (``quant.modules.first_token_input``; a departure from the paper). None: the family's
     # choice (``ModelAdapter.first_token_scale``): on for BERT encoders under tsptq (their [CLS]
-    # token carries activations ~100x every other token's); off for timm ViTs (offered where
-    # the class token is token 0); not offered for Swin (a ValueError).
+    # token carries activations ~100x every other token's; validated in BENCHMARKS.md,
+    # "Defaults chosen on validation"); off for timm ViTs (offered where the class token is
+    # token 0; validation ties, and switching waits for versioned recipes, as above); not
+    # offered for Swin (a ValueError).
     first_token_scale: bool | None = None
-    # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py).
-    # Higher SQNR, but on the digits ViT lower agreement than the paper's grid (BENCHMARKS.md).
-    coarse_offset: bool = False
+    # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py; a
+    # departure from the paper's grid). None: the family's choice
+    # (``ModelAdapter.coarse_offset``): on for timm ViTs, chosen on validation (digits ViT: lower
+    # validation KL over 3 calibration draws, ``bench.choices``, BENCHMARKS.md "Defaults chosen
+    # on validation"); off for Swin (not measured) and BERT encoders (the same table).
+    coarse_offset: bool | None = None
     # How weights are rounded to their codes: "nearest", or "gptq", GPTQ's error-compensating
     # rounding on the layer's input Hessian (``quant.rounding``; the statistics pass then also
     # gathers XᵀX of every weighted layer's inputs). The codes are codes either way.

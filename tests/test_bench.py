@@ -184,27 +184,29 @@ def test_choices_score_each_option_and_decide_on_validation(tiny_vit, images, mo
     real = acc.quantize
     monkeypatch.setattr(acc, "quantize", lambda model, calib, cfg: real(
         model, calib, QuantConfig(**{**cfg.__dict__, **FAST})))
-    choice = Choice("coarse_offset", (("off", {"coarse_offset": False}),
-                                      ("on", {"coarse_offset": True})))
+    choice = Choice("outlier_rule", (("threshold", {"outlier_rule": "threshold"}),
+                                     ("sorted_split", {"outlier_rule": "sorted_split"})))
     rows = digits_rows(tiny_vit, {0: data}, (choice,), widths=((8, 8),))
-    assert [(r["option"], r["default"]) for r in rows] == [("off", True), ("on", False)]
+    assert [(r["option"], r["default"]) for r in rows] == [("threshold", True),
+                                                           ("sorted_split", False)]
     assert all(0 <= r["val_agreement"] <= 1 and r["val_kl"] >= 0 and "top1" in r for r in rows)
     decisions = report("tiny", (choice,), rows, ["option", "val_kl", "kl"], "val_agreement")
-    assert decisions[0]["chosen"] in ("off", "on") and "## tiny: decisions" in (
+    assert decisions[0]["chosen"] in ("threshold", "sorted_split") and "## tiny: decisions" in (
         capsys.readouterr().out)
 
     def row(option, kl, agree, default=False, seed=0):
         return {"option": option, "val_kl": kl, "val_agreement": agree, "default": default,
                 "seed": seed, "kl": 1.0 - kl}  # test KL says the opposite: never read
 
-    assert decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.5, 0.9)])["chosen"] == "on"
+    a, b = "threshold", "sorted_split"
+    assert decide(choice, [row(a, 1.0, 0.9, True), row(b, 0.5, 0.9)])["chosen"] == b
     # Within the tie band the agreement decides, then the default.
-    assert decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.99, 0.95)])["chosen"] == "on"
-    assert decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.99, 0.9)])["chosen"] == "off"
+    assert decide(choice, [row(a, 1.0, 0.9, True), row(b, 0.99, 0.95)])["chosen"] == b
+    assert decide(choice, [row(a, 1.0, 0.9, True), row(b, 0.99, 0.9)])["chosen"] == a
     # Every draw counts: a win on one draw, a larger loss on the other.
-    two = decide(choice, [row("off", 1.0, 0.9, True), row("on", 0.8, 0.9),
-                          row("off", 1.0, 0.9, True, 1), row("on", 1.5, 0.9, seed=1)])
-    assert two["chosen"] == "off" and two["scores"]["on"]["val_kl_per_draw"] == [0.8, 1.5]
+    two = decide(choice, [row(a, 1.0, 0.9, True), row(b, 0.8, 0.9),
+                          row(a, 1.0, 0.9, True, 1), row(b, 1.5, 0.9, seed=1)])
+    assert two["chosen"] == a and two["scores"][b]["val_kl_per_draw"] == [0.8, 1.5]
 
 
 def test_scale_bench_timing_row_on_a_small_folder(tmp_path):

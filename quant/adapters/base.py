@@ -46,6 +46,7 @@ class ModelAdapter(ABC):
     post_ln_two_scale: bool = False
     keep_bulk: bool = False
     first_token_scale: bool = False
+    coarse_offset: bool = False
     # Whether token 0 of this family's sequences is a fixed special token (``first_token_scale``
     # may be asked for).
     fixed_first_token: bool = False
@@ -63,7 +64,8 @@ class ModelAdapter(ABC):
             raise ValueError(f"first_token_scale is not offered for the {self.family} family: "
                              "its token 0 is not a fixed special token")
         chosen = {name: getattr(self, name)
-                  for name in ("post_ln_two_scale", "keep_bulk", "first_token_scale")
+                  for name in ("post_ln_two_scale", "keep_bulk", "first_token_scale",
+                               "coarse_offset")
                   if getattr(config, name) is None}
         if "first_token_scale" in chosen:  # like post_ln_two_scale, part of tsptq only
             chosen["first_token_scale"] &= config.method == "tsptq"

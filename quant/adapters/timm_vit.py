@@ -24,8 +24,9 @@ from .base import (
 class TimmViTAdapter(ModelAdapter):
     family = "timm_vit"
     # Token 0 is the class token, where the model has one (checked in ``rewrite``); the option
-    # stays off by default here (``first_token_scale``), an ablation on the digits ViT.
+    # stays off by default here (``first_token_scale``; why: QuantConfig.first_token_scale).
     fixed_first_token = True
+    coarse_offset = True  # chosen on validation: see QuantConfig.coarse_offset
     timm_class = VisionTransformer
 
     def matches(self, model: nn.Module) -> bool:
