@@ -42,8 +42,15 @@ def collect_statistics(model: nn.Module, images: Inputs, config: QuantConfig,
     modules = quant_modules(model)
     for _, m in modules:
         m.capture = capture
+    # Only the activations' gradients are wanted: with images as the graph's leaf, the
+    # parameters' own gradients (half the backward pass's matmuls) are not computed. Token ids
+    # cannot be a leaf: a text encoder's graph starts at its embedding tables.
+    frozen = [p for p in model.parameters() if p.requires_grad] if (
+        capture.grads and torch.is_tensor(images) and images.is_floating_point()) else []
     try:
         if capture.grads:
+            for p in frozen:
+                p.requires_grad_(False)
             with torch.enable_grad():
                 if torch.is_tensor(images):
                     images = images.detach().clone().requires_grad_(True)
@@ -53,6 +60,8 @@ def collect_statistics(model: nn.Module, images: Inputs, config: QuantConfig,
             with torch.no_grad():
                 call(model, images)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         for _, m in modules:
             m.capture = None
 

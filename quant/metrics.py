@@ -23,11 +23,11 @@ def output_loss(metric: str, consumer: Callable[[Tensor], Tensor], target: Tenso
             out = consumer(xq).reshape(-1, target.shape[-1])
             return -F.cosine_similarity(out, target.reshape(-1, target.shape[-1]), dim=-1).mean()
     elif metric == "hessian" and grad is not None:
-        def loss(xq: Tensor) -> Tensor:
-            return (((consumer(xq) - target) * grad) ** 2).mean()
+        def loss(xq: Tensor) -> Tensor:  # in place after the first op: the same values
+            return (consumer(xq) - target).mul_(grad).square_().mean()
     else:
         def loss(xq: Tensor) -> Tensor:
-            return ((consumer(xq) - target) ** 2).mean()
+            return (consumer(xq) - target).square_().mean()
     return loss
 
 

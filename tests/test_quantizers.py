@@ -14,6 +14,7 @@ from quant.quantizers import (
     Log2Quantizer,
     TwoScaleValueQuantizer,
     UniformQuantizer,
+    coarse_to_fine,
 )
 
 PROPS = settings(max_examples=50, deadline=None)
@@ -370,3 +371,96 @@ def test_v2sf_coarse_offset_uses_every_code():
         overlap = bool(torch.isin(coarse, fine).any())
         assert overlap is expect_overlap
         assert (coarse.diff() > 0).all() and int(coarse.min()) > int(fine.max()) or not offset
+
+
+# --------------------------------------------------------------------------- the search's path
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(3, 12), case=st.sampled_from(V2SF_CASES),
+       scale=st.floats(1e-3, 1.0), shift=st.integers(0, 7), zero_frac=st.floats(0.0, 1.0),
+       offset=st.booleans())
+def test_v2sf_search_quant_is_fake_quant(seed, bits, case, scale, shift, zero_frac, offset):
+    """The search scores candidates in floating point: the same values, bit for bit."""
+    rule, signed = case
+    q = TwoScaleValueQuantizer(bits, region_rule=rule, signed=signed, coarse_offset=offset)
+    z = round(zero_frac * q.payload_max) if signed else 0
+    if rule == "value":
+        z = min(z, (q.payload_max + 1) // 2)
+    q.set_params(scale, shift, z)
+    x = v2sf_data(signed, gen(seed), 4.0) * 3
+    assert torch.equal(q.search_quant(x), q.fake_quant(x))
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(2, 16), symmetric=st.booleans(), per_channel=st.booleans(),
+       alpha=st.floats(0.05, 1.2))
+def test_uniform_search_quant_is_fake_quant(seed, bits, symmetric, per_channel, alpha):
+    x = torch.randn(64, 6, generator=gen(seed)) * 3 + 0.5
+    q = UniformQuantizer(bits, symmetric, axis=1 if per_channel else None, channels=6)
+    dims = 0 if per_channel else (0, 1)
+    q.set_from_range(x.amin(dims), x.amax(dims), alpha)
+    assert torch.equal(q.search_quant(x * 1.5), q.fake_quant(x * 1.5))
+
+
+@PROPS
+@given(seed=seeds, bits=st.integers(2, 12), rule=st.sampled_from(["o2sf", "ptf"]),
+       shared=st.booleans(), scale=st.floats(1e-3, 1.0))
+def test_pow2_search_quant_is_fake_quant(seed, bits, rule, shared, scale):
+    x = torch.randn(64, 8, generator=gen(seed)) * torch.tensor([1, 1, 8, 1, 1, 30, 1, 2.0])
+    q = ChannelPow2Quantizer(bits, 8, rule=rule, shared_zero=shared)
+    exp = torch.randint(0, 4, (8,), generator=gen(seed + 1))
+    q.set_params(scale, exp, x.amin(0), x.amax(0))
+    assert torch.equal(q.search_quant(x * 1.3), q.fake_quant(x * 1.3))
+
+
+def test_coarse_to_fine_finds_a_unimodal_minimum():
+    for n in (1, 7, 16, 17, 50, 100):
+        for best in range(n):
+            scores = [abs(i - best) + 0.5 * (i > best) for i in range(n)]
+            seen = []
+            got = coarse_to_fine(n, lambda i, s=scores, seen=seen: seen.append(i) or s[i])
+            assert got == best and len(seen) == len(set(seen))
+            assert len(seen) <= (n if n <= 16 else len(range(0, n, 8)) + 7)
+    assert coarse_to_fine(50, lambda i: 1.0) == 0  # the first of equal errors
+    assert coarse_to_fine(12, lambda i: float("nan") if i < 3 else float(i)) == 3
+    assert coarse_to_fine(12, lambda i: float("inf")) == -1
+
+
+def test_v2sf_plane_search_is_the_full_search_on_a_unimodal_plane():
+    """The post-GELU (clipping × shift) plane, coarse then around the best: the candidate
+    the full plane gives wherever the error is unimodal on it."""
+    q = TwoScaleValueQuantizer(8, "value", signed=True)
+    for na, nm in ((7, 7), (4, 7), (8, 5)):
+        for best in range(na * nm):
+            a0, m0 = divmod(best, nm)
+            first = q._first_candidates(na * nm, (na, nm))
+            near = q._plane_near(min(first, key=lambda i: abs(i // nm - a0) + abs(i % nm - m0)
+                                     + 0.01 * i), (na, nm))
+            assert best in near, (na, nm, best)
+    assert len(q._first_candidates(49, (7, 7))) == 9
+
+
+def test_per_channel_search_takes_each_channels_own_minimum():
+    """Each channel's clipping, searched coarse to fine, is what the full grid gives when
+    each channel's error is unimodal along the grid."""
+    x = torch.randn(5, 256, generator=gen(3)) * torch.tensor([0.5, 1, 2, 4, 8])[:, None]
+    target = torch.tensor([0.35, 0.6, 0.8, 0.95, 1.15])  # the clipping each row is pulled to
+    q = UniformQuantizer(8, True, axis=0, channels=5)
+    lo, hi = x.amin(1), x.amax(1)
+    amax = torch.maximum(-lo, hi)
+
+    def loss(xq: torch.Tensor) -> torch.Tensor:  # unimodal in each row's scale
+        step = (xq - x).abs().amax(1).clamp_min(1e-12)  # about half a step
+        return (step * 254 / amax - target) ** 2
+
+    q.calibrate(x, None, 50, channel_loss=loss)
+    full = UniformQuantizer(8, True, axis=0, channels=5)
+    grid = full._alphas(50, 0.3)
+    errs = []
+    for a in grid:
+        full.set_from_range(lo, hi, a)
+        errs.append(loss(full.fake_quant(x)))
+    want = torch.tensor(grid)[torch.stack(errs).argmin(0)]
+    full.set_from_range(lo, hi, want)
+    assert torch.equal(q.scale, full.scale)
