@@ -49,6 +49,17 @@ SEARCH_STRIDE = 8
 # calibration draws: W4A8's KL to FP32 1.13x the full grid's with coarse weight searches,
 # 1.02x with full ones at 4 bits (BENCHMARKS.md).
 COARSE_MIN_BITS = 6
+# Where a candidate costs little the full grid is kept: searches go coarse to fine only on
+# tensors of at least this many values (activations), or weights of at least WEIGHT_ELEMENTS
+# (a weight's candidates are scored on 512 rows). Every search of the digits ViT stays on its
+# full grid (its calibration is bit-identical to the full grid's); a 224x224 model's are
+# coarse to fine (deit_tiny: its smallest searched activation has 393K values).
+COARSE_MIN_ELEMENTS = 1 << 18
+COARSE_MIN_WEIGHT_ELEMENTS = 1 << 15
+
+
+def _coarse(bits: int, elements: int, least: int = COARSE_MIN_ELEMENTS) -> bool:
+    return bits >= COARSE_MIN_BITS and elements >= least
 
 
 def _coarse_indices(n: int, stride: int) -> list[int]:
@@ -276,16 +287,17 @@ class UniformQuantizer(Quantizer):
             return float(loss(self.search_quant(x)))
 
         i = coarse_to_fine(len(alphas), score,
-                           None if self.bits >= COARSE_MIN_BITS else len(alphas))
+                           None if _coarse(self.bits, x.numel()) else len(alphas))
         self.set_from_range(lo, hi, alphas[i] if i >= 0 else 1.0)
 
     def _channel_search(self, lo: Tensor, hi: Tensor, alphas: list[float], x: Tensor,
                         channel_loss: ChannelLossFn) -> Tensor:
         """Each channel's clipping fraction, coarse to fine (``coarse_to_fine``) per channel:
         each refinement scores, for every channel at once, the two points at that distance
-        from the channel's own best so far (the full grid below ``COARSE_MIN_BITS``)."""
+        from the channel's own best so far (the full grid where ``_coarse`` says so)."""
         n = len(alphas)
-        stride = SEARCH_STRIDE if self.bits >= COARSE_MIN_BITS else n
+        coarse = _coarse(self.bits, x.numel(), COARSE_MIN_WEIGHT_ELEMENTS)
+        stride = SEARCH_STRIDE if coarse else n
         grid = torch.tensor(alphas, dtype=torch.float32, device=lo.device)
         errs = torch.full((n, lo.numel()), float("inf"), device=lo.device)
         seen = torch.zeros((n, lo.numel()), dtype=torch.bool, device=lo.device)
@@ -483,7 +495,7 @@ class TwoScaleValueQuantizer(Quantizer):
             # V-2SF for GELU: the coarse scale S sets the clipping range; m sets the split.
             candidates = []
             n = max(4, points // max_shift)
-            plane = (n, max_shift) if self.bits >= COARSE_MIN_BITS else None
+            plane = (n, max_shift) if _coarse(self.bits, x.numel()) else None
             for a in _grid(n, 0.3):
                 top = a * x_max  # the coarse grid's last point
                 for m in range(1, max_shift + 1):

@@ -444,7 +444,7 @@ def test_v2sf_plane_search_is_the_full_search_on_a_unimodal_plane():
 def test_per_channel_search_takes_each_channels_own_minimum():
     """Each channel's clipping, searched coarse to fine, is what the full grid gives when
     each channel's error is unimodal along the grid."""
-    x = torch.randn(5, 256, generator=gen(3)) * torch.tensor([0.5, 1, 2, 4, 8])[:, None]
+    x = torch.randn(5, 8192, generator=gen(3)) * torch.tensor([0.5, 1, 2, 4, 8])[:, None]
     target = torch.tensor([0.35, 0.6, 0.8, 0.95, 1.15])  # the clipping each row is pulled to
     q = UniformQuantizer(8, True, axis=0, channels=5)
     lo, hi = x.amin(1), x.amax(1)
