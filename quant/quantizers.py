@@ -46,8 +46,8 @@ def _grid(points: int, low: float = 0.05, high: float = 1.2) -> list[float]:
 SEARCH_STRIDE = 8
 # Below this width the error along the grid has steps a coarse search cannot see past (16
 # levels at 4 bits): searches there score the full grid. Measured on the digits ViT over 3
-# calibration draws: W4A8's KL to FP32 1.13x the full grid's with coarse weight searches,
-# 1.02x with full ones at 4 bits (BENCHMARKS.md).
+# calibration draws: W4A8's KL to FP32 1.07x the full grid's (up to 1.14x) with coarse
+# weight searches, 1.01x with full ones at 4 bits (BENCHMARKS.md).
 COARSE_MIN_BITS = 6
 # Where a candidate costs little the full grid is kept: searches go coarse to fine only on
 # tensors of at least this many values (activations), or weights of at least WEIGHT_ELEMENTS
