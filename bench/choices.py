@@ -129,17 +129,19 @@ def decide(choice: Choice, rows: list[dict], agreement: str = "val_agreement") -
             "changed": chosen != default, "draws": len(seeds), "scores": scores}
 
 
-def _run(choices, widths, scorers: dict, desc: str, done: dict[str, dict]) -> list[dict]:
+def _run(model, choices, widths, scorers: dict, desc: str, done: dict[str, dict]) -> list[dict]:
     """Every (choice, option, method, width) on every calibration draw (``scorers``: seed ->
     the scoring function of that draw's data); a configuration met twice (in ``done``, across
-    calls) is calibrated once."""
+    calls; as ``model``'s family resolves it, so an option equal to the family's choice is the
+    default's row) is calibrated once."""
+    resolve = find_adapter(model).resolve
     rows = []
     grid = [(c, o, m, w, s) for c in choices for o in c.options for m in c.methods
             for w in widths for s in scorers]
     for choice, (label, change), method, (wb, ab), seed in tqdm(grid, desc=desc,
                                                                  file=sys.stderr):
         cfg = QuantConfig(method=method, w_bits=wb, a_bits=ab, seed=seed, **change)
-        key = _key(cfg)
+        key = _key(resolve(cfg))
         if key not in done:
             done[key] = scorers[seed](cfg)
         rows.append({"choice": choice.name, "option": label, "method": method, "seed": seed,
@@ -161,7 +163,7 @@ def digits_rows(model: torch.nn.Module, draws: dict[int, EvalData], choices=DIGI
                     **row}
         return score
 
-    rows = _run(choices, widths, {s: scorer(d) for s, d in draws.items()}, "digits choices",
+    rows = _run(model, choices, widths, {s: scorer(d) for s, d in draws.items()}, "digits choices",
                 {} if done is None else done)
     return _mark_defaults(model, choices, rows)
 
@@ -181,7 +183,8 @@ def text_rows(model: torch.nn.Module, draws: dict[int, TextData], choices=TEXT_C
                     "val_kl": float(f"{val.kl:.3g}"), **row}
         return score
 
-    rows = _run(choices, widths, {s: scorer(d) for s, d in draws.items()}, "MiniLM choices",
+    rows = _run(model, choices, widths, {s: scorer(d) for s, d in draws.items()},
+                "MiniLM choices",
                 {} if done is None else done)
     return _mark_defaults(model, choices, rows)
 

@@ -54,7 +54,8 @@ class QuantConfig:
     setting: str = "full"
     # PTQ4ViT's Hessian-guided metric: against MSE and cosine, the lowest validation KL over
     # every method and width on the digits ViT (``bench.choices``; BENCHMARKS.md, "Defaults
-    # chosen on validation", which has MiniLM's too).
+    # chosen on validation"). MiniLM's validation texts prefer MSE at W8A8 (one draw, 5%); one
+    # metric serves every family, so that waits for a per-family choice and more draws.
     metric: str = "hessian"
     calib_size: int = 32
     seed: int = 0
@@ -92,9 +93,10 @@ class QuantConfig:
     first_token_scale: bool | None = None
     # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py; a
     # departure from the paper's grid). None: the family's choice
-    # (``ModelAdapter.coarse_offset``): on for timm ViTs, chosen on validation (digits ViT: lower
-    # validation KL over 3 calibration draws, ``bench.choices``, BENCHMARKS.md "Defaults chosen
-    # on validation"); off for Swin (not measured) and BERT encoders (the same table).
+    # (``ModelAdapter.coarse_offset``): on for timm ViTs and BERT encoders, chosen on validation
+    # (digits ViT: lower validation KL over 3 calibration draws; MiniLM: a KL tie won on
+    # nearest-neighbour agreement; ``bench.choices``, BENCHMARKS.md "Defaults chosen on
+    # validation"); off for Swin (not measured).
     coarse_offset: bool | None = None
     # How weights are rounded to their codes: "nearest", or "gptq", GPTQ's error-compensating
     # rounding on the layer's input Hessian (``quant.rounding``; the statistics pass then also

@@ -66,6 +66,7 @@ class HFBertAdapter(ModelAdapter):
     post_ln_two_scale = True  # see QuantConfig.post_ln_two_scale
     keep_bulk = True  # see QuantConfig.keep_bulk
     first_token_scale = True  # see QuantConfig.first_token_scale
+    coarse_offset = True  # chosen on validation: see QuantConfig.coarse_offset
     fixed_first_token = True  # [CLS]
 
     def matches(self, model: nn.Module) -> bool:
