@@ -84,10 +84,10 @@ def time_model(name: str, data_root: Path, calib: int = CALIB, val: int = VAL,
     calibrator = Calibrator(model, data.calib, QuantConfig())
     base = QuantConfig()
     qmodel, calib_s = _timed(lambda: calibrator.calibrate(base))
-    row["calibration_full_s"] = round(calib_s, 1)
+    row["calibration_full_s"] = round(calib_s, 2)
     _, int_s = _timed(lambda: Calibrator(model, data.calib, QuantConfig(setting="integer"))
                       .calibrate(QuantConfig(setting="integer")))
-    row["calibration_integer_s"] = round(int_s, 1)
+    row["calibration_integer_s"] = round(int_s, 2)
     space = SearchSpace.from_model(qmodel, data.calib)
     objective = Objective(model, calibrator, data.x_val, base)
     slots = [s for s in space.slots.values() if s.kind in SEARCH_KINDS]
@@ -95,7 +95,7 @@ def time_model(name: str, data_root: Path, calib: int = CALIB, val: int = VAL,
     for slot in slots[:3]:
         _, s = _timed(lambda slot=slot: objective(Candidate.make({slot.name: 6})))
         per_candidate.append(s)
-    row["s_per_candidate"] = round(statistics.median(per_candidate), 2)
+    row["s_per_candidate"] = round(statistics.median(per_candidate), 3)
     fp_logits, fp_s = _timed(lambda: logits_of(model, data.x_test))
     qmodel = calibrator.calibrate(base)
     _, q_s = _timed(lambda: logits_of(qmodel, data.x_test))

@@ -217,8 +217,10 @@ def test_scale_bench_timing_row_on_a_small_folder(tmp_path):
                                                          val_per_class=2, size=32))
     row = time_model("vit_tiny_patch16_224", root, calib=4, val=8, img_size=32, patch_size=8,
                      depth=1, num_classes=4)
-    assert row["forward_32_s"] > 0 and row["calibration_full_s"] > 0
-    assert row["calibration_integer_s"] > 0 and row["s_per_candidate"] > 0
+    # seconds are rounded (a tiny model may round to 0); every figure is there and finite
+    for key in ("forward_32_s", "calibration_full_s", "calibration_integer_s",
+                "s_per_candidate"):
+        assert 0 <= row[key] < 600, key
     assert row["fp32_images_per_s"] > 0 and row["quantized_images_per_s"] > 0
     # one block: its searched quantizers, each probed at every lower width
     assert row["probes"] == 3 * row["quantizers"]
