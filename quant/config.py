@@ -93,10 +93,11 @@ class QuantConfig:
     first_token_scale: bool | None = None
     # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py; a
     # departure from the paper's grid). None: the family's choice
-    # (``ModelAdapter.coarse_offset``): on for timm ViTs and BERT encoders, chosen on validation
-    # (digits ViT: lower validation KL over 3 calibration draws; MiniLM: a KL tie won on
-    # nearest-neighbour agreement; ``bench.choices``, BENCHMARKS.md "Defaults chosen on
-    # validation"); off for Swin (not measured).
+    # (``ModelAdapter.coarse_offset``): on for timm ViTs, chosen on validation (digits ViT: lower
+    # validation KL over 3 calibration draws; ``bench.choices``, BENCHMARKS.md "Defaults chosen
+    # on validation"); off for Swin (not measured) and BERT encoders (MiniLM: a KL tie that
+    # validation agreement gives to it, not switched while the fast ONNX graph with it is not
+    # padding-invariant, tests/test_export_onnx.py).
     coarse_offset: bool | None = None
     # How weights are rounded to their codes: "nearest", or "gptq", GPTQ's error-compensating
     # rounding on the layer's input Hessian (``quant.rounding``; the statistics pass then also

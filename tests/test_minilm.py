@@ -170,9 +170,9 @@ def test_family_defaults():
     assert bert.post_ln_two_scale and bert.keep_bulk and bert.first_token_scale
     assert vit.post_ln_two_scale is False and vit.keep_bulk is False
     assert vit.first_token_scale is False
-    # V-2SF's coarse offset: chosen on validation for timm ViTs and BERT (bench.choices); Swin
-    # keeps the paper's grid; an explicit value (an old recipe's False) wins.
-    assert vit.coarse_offset is True and bert.coarse_offset is True
+    # V-2SF's coarse offset: chosen on validation for timm ViTs (bench.choices); Swin and BERT
+    # keep the paper's grid; an explicit value (an old recipe's False) wins.
+    assert vit.coarse_offset is True and bert.coarse_offset is False
     assert adapter_for_family("timm_swin").resolve(cfg).coarse_offset is False
     assert adapter_for_family("timm_vit").resolve(
         QuantConfig(coarse_offset=False)).coarse_offset is False

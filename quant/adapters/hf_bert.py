@@ -66,7 +66,8 @@ class HFBertAdapter(ModelAdapter):
     post_ln_two_scale = True  # see QuantConfig.post_ln_two_scale
     keep_bulk = True  # see QuantConfig.keep_bulk
     first_token_scale = True  # see QuantConfig.first_token_scale
-    coarse_offset = True  # chosen on validation: see QuantConfig.coarse_offset
+    # Validation's tie-break chose coarse_offset on; off until the fast ONNX graph keeps it
+    # padding-invariant (see QuantConfig.coarse_offset).
     fixed_first_token = True  # [CLS]
 
     def matches(self, model: nn.Module) -> bool:
