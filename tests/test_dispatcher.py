@@ -60,8 +60,8 @@ def test_job_runs_to_verified_artifacts(db_url, tmp_path):
     assert hashlib.sha256(blob).hexdigest() == ckpt.sha256
     path = tmp_path / "ckpt.safetensors"
     path.write_bytes(blob)
-    data = digits_data(8)
-    x, y = data.x_test[:90], data.y_test[:90]
+    data = digits_data(8, test_limit=90)  # the job's test sample (class-stratified, seeded)
+    x, y = data.x_test, data.y_test
     res = compare(logits_of(load_model("digits_vit"), x), logits_of(load_quantized(path), x), y)
     assert res.top1 == pytest.approx(done.result["top1"])  # the reported accuracy is the file's
     assert dispatcher.run_once() is None  # nothing left

@@ -51,14 +51,14 @@ def test_main_job_over_http(server, tmp_path):
 
     onnx_file = server.download(next(a for a in listing if a["kind"] == "onnx"), tmp_path)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    (ort_logits,) = session.run(None, {"images": digits_data().x_test[:120].numpy()})
-    ort_top1 = float((ort_logits.argmax(1) == digits_data().y_test[:120].numpy()).mean())
+    sample = digits_data(test_limit=120)  # the job's test sample (class-stratified, seeded)
+    (ort_logits,) = session.run(None, {"images": sample.x_test.numpy()})
+    ort_top1 = float((ort_logits.argmax(1) == sample.y_test.numpy()).mean())
     assert ort_top1 == pytest.approx(job["result"]["onnx"]["top1"], abs=1e-6)
     ckpt = next(a for a in listing if a["kind"] == "checkpoint")
     path = server.download(ckpt, tmp_path)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == ckpt["sha256"]
-    data = digits_data()
-    x, y = data.x_test[:120], data.y_test[:120]
+    x, y = sample.x_test, sample.y_test
     measured = compare(logits_of(load_model("digits_vit"), x), logits_of(load_quantized(path), x),
                        y)
     assert measured.top1 == pytest.approx(job["result"]["top1"], abs=1e-9)
