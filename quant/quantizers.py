@@ -349,13 +349,12 @@ class TwoScaleValueQuantizer(Quantizer):
 
     ``coarse_offset`` (an option beyond the paper; each family's choice, on for timm ViTs, where
     it lowers the validation KL, BENCHMARKS.md "Defaults chosen on validation"): the coarse grid
-    starts at its
-    first point above the fine grid, ``(p + c) << m`` with c = ⌊F/2^m⌋ + 1 for the fine top F,
-    instead of at zero. Without it the coarse codes below the split duplicate fine values and are
-    never used (half of them at 4 bits); with it every code is a distinct value, which lets the
-    scale shrink by (c + 2^(b−1) − 1)/(2^(b−1) − 1) for the same range. The integer operand costs
-    one add before the shift. It raises SQNR by 1 to 2 dB. PTQ4ViT's twin uniform keeps both
-    grids starting at zero.
+    starts at its first point above the fine grid, ``(p + c) << m`` with c = ⌊F/2^m⌋ + 1 for the
+    fine top F, instead of at zero. Without it the coarse codes below the split duplicate fine
+    values and are never used (half of them at 4 bits); with it every code is a distinct value,
+    which lets the scale shrink by (c + 2^(b−1) − 1)/(2^(b−1) − 1) for the same range. The
+    integer operand costs one add before the shift. It raises SQNR by 1 to 2 dB. PTQ4ViT's twin
+    uniform keeps both grids starting at zero.
 
     ``region_rule`` picks how values are split between the regions:
     * ``"value"`` (TSPTQ-ViT): by magnitude. Small values (including GELU's negative tail, through

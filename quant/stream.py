@@ -10,7 +10,6 @@ the logits kept for the comparison, ``classes`` floats per image (0.4 KB for 100
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -50,12 +49,6 @@ class ImageStream:
     def head(self, n: int) -> Tensor:
         """The first ``n`` images as one tensor (a small sample: plots, probes)."""
         return torch.stack([self.dataset[i][0] for i in self.ids[:n]])
-
-    def digest(self) -> str:
-        """sha256 of the sample ids and their labels: names the sample in a report."""
-        h = hashlib.sha256(",".join(map(str, self.ids)).encode())
-        h.update(self.labels.to(torch.int64).numpy().tobytes())
-        return h.hexdigest()
 
 
 def stream_logits(model: Callable[[Tensor], Tensor], images: ImageStream, device,

@@ -111,8 +111,8 @@ def image_folder_data(root: str | Path, model: nn.Module, calib_size: int = 32, 
         test_ids = stratified_sample(test_labels, limit, seed)
     picked = list(range(len(val))) if test_ids is None else test_ids
     x_test = ImageStream(val, tuple(picked), test_labels[picked], workers=workers)
-    held_out = stratified_sample(train.targets, val_size, seed + 1, exclude=ids) if val_size else []
     train_labels = torch.tensor(train.targets)
+    held_out = stratified_sample(train_labels, val_size, seed + 1, exclude=ids) if val_size else []
     x_val = (ImageStream(train, tuple(held_out), train_labels[held_out], workers=workers)
              if held_out else torch.empty(0))
     return EvalData(calib, x_test, x_test.labels, ids, x_val, test_ids, held_out)
