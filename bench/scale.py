@@ -17,7 +17,7 @@ each for calibration and validation, ``--images`` test images), written once und
 2. **Service memory**: ``tsptq serve`` runs a ``deit_small_patch16_224`` job on the folder
    (greedy, ``max_candidates`` 2) with ``test_limit`` 1,000 and then with every test image;
    the peak resident memory of the dispatcher, of its DataLoader workers and of each Ray
-   worker, sampled every 0.2 s, and the ratio between the two runs (constant memory: the test
+   worker, sampled every 0.5 s, and the ratio between the two runs (constant memory: the test
    images are streamed).
 """
 
@@ -124,39 +124,36 @@ def _slope(rows: list[dict], key: str) -> float | None:
 class PeakRss:
     """Peak resident memory per role among a process tree, sampled in a thread."""
 
-    def __init__(self, root_pid: int, interval_s: float = 0.2) -> None:
+    def __init__(self, root_pid: int, interval_s: float = 0.5) -> None:
         import psutil
 
         self.root = psutil.Process(root_pid)
         self.interval_s = interval_s
         self.peaks: dict[str, int] = {}   # role → peak RSS of one process of that role
+        self.roles: dict[int, str] = {}   # pid → role, once known (a command line is costly)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def role(proc) -> str | None:
+    def role(self, proc) -> str | None:
         cmd = " ".join(proc.cmdline())
         if "CandidateEvaluator" in cmd:
             return "ray_worker"
         if "service.cli worker" in cmd:
-            return "dispatcher"
+            # the server starts the dispatcher; its DataLoader workers are forked from it (the
+            # same command line, another parent)
+            return "dispatcher" if proc.ppid() == self.root.pid else "data_loader_worker"
         return None
 
     def _run(self) -> None:
         import psutil
 
-        dispatcher = None
         while not self.stop.is_set():
             try:
                 for p in self.root.children(recursive=True):
                     try:
-                        role = self.role(p)
-                        if role == "dispatcher" and dispatcher is None:
-                            dispatcher = p.pid
-                        if role is None and dispatcher is not None and p.ppid() == dispatcher \
-                                and "ray" not in " ".join(p.cmdline()):
-                            role = "data_loader_worker"
+                        role = self.roles.get(p.pid) or self.role(p)
                         if role is not None:
+                            self.roles[p.pid] = role
                             rss = p.memory_info().rss
                             key = role if role != "ray_worker" else f"ray_worker_{p.pid}"
                             self.peaks[key] = max(self.peaks.get(key, 0), rss)
@@ -282,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         small = min(rows, key=lambda r: r["test_images"])
         full = max(rows, key=lambda r: r["test_images"])
         ratios = {"dispatcher": round(full["dispatcher_mb"] / small["dispatcher_mb"], 2),
+                  "data_loader_worker": round(full["data_loader_worker_mb"]
+                                              / max(small["data_loader_worker_mb"], 1), 2),
                   "ray_workers": round(max(full["ray_workers_mb"], default=0)
                                        / max(max(small["ray_workers_mb"], default=1), 1), 2)}
         report["memory_ratio_most_to_fewest_images"] = ratios

@@ -225,3 +225,40 @@ def test_scale_bench_timing_row_on_a_small_folder(tmp_path):
     # one block: its searched quantizers, each probed at every lower width
     assert row["probes"] == 3 * row["quantizers"]
     assert row["candidates_at_most"] == 1 + row["probes"] + 2 * row["max_steps"]
+
+
+def test_scale_bench_peak_rss_tells_the_dispatcher_from_its_forked_loader_workers():
+    """The service's dispatcher and the DataLoader workers forked from it share one command
+    line; their peaks are kept apart by parentage (a process tree shaped like the service's)."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.scale import PeakRss
+
+    # server → dispatcher ("service.cli worker") → a fork of it holding ~64 MB more
+    dispatcher = ("import os, time\n"
+                  "if os.fork() == 0:\n"
+                  "    held = b'x' * (64 << 20)\n"
+                  "    time.sleep(30)\n"
+                  "time.sleep(30)\n")
+    server = (f"import subprocess, sys, time\n"
+              f"subprocess.Popen([sys.executable, '-c', {dispatcher!r}, 'service.cli worker'])\n"
+              f"time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", server])
+    try:
+        with PeakRss(proc.pid, interval_s=0.1) as peaks:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (
+                    "dispatcher" in peaks.peaks
+                    and peaks.peaks.get("data_loader_worker", 0) > 64 << 20):
+                time.sleep(0.1)
+        summary = peaks.summary()
+    finally:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+    assert summary["data_loader_worker_mb"] >= 64 > summary["dispatcher_mb"] > 0
+    assert summary["ray_workers_mb"] == []
