@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import QuantConfig
-from .metrics import channel_output_loss, output_loss
+from .metrics import channel_output_loss, error_loss, linear_error, matmul_error, output_loss
 from .quantizers import ChannelPow2Quantizer, Quantizer, UniformQuantizer
 from .rounding import gptq_round, inverse_hessian_factor
 
@@ -260,6 +260,11 @@ class QWeighted(QuantModule):
     def _weight_sample(self, x: Tensor) -> Tensor:
         return x
 
+    def _input_loss(self, metric: str, xs: Tensor, gs: Tensor | None, w: Tensor, w_hat: Tensor,
+                    b: Tensor | None):
+        """The input candidates' loss: the layer's output with ``w_hat`` against the FP one."""
+        return output_loss(metric, lambda xq: self._op(xq, w_hat, b), self._op(xs, w, b), gs)
+
     def _weight_columns(self, x: Tensor) -> Tensor:
         """``x`` as the rows the weight's flattened columns multiply: (rows, weight[0].numel())."""
         return x.reshape(-1, x.shape[-1])
@@ -367,8 +372,8 @@ class QWeighted(QuantModule):
             kernel = {"x": simulate.gelu(self.stats["h"])}
             if "h_first" in self.stats:
                 kernel["x_first"] = simulate.gelu(self.stats["h_first"])
-        self._calibrate_input(lambda xs, gs, _q: output_loss(
-            config.metric, lambda xq: self._op(xq, w_hat, b), self._op(xs, w, b), gs), config,
+        self._calibrate_input(
+            lambda xs, gs, _q: self._input_loss(config.metric, xs, gs, w, w_hat, b), config,
             kernel)
 
 
@@ -393,6 +398,13 @@ class QLinear(QWeighted):
 
     def _weight_sample(self, x: Tensor) -> Tensor:
         return x[:512]  # the weight search is per channel and needs fewer rows
+
+    def _input_loss(self, metric: str, xs: Tensor, gs: Tensor | None, w: Tensor, w_hat: Tensor,
+                    b: Tensor | None):
+        if metric == "cosine":
+            return super()._input_loss(metric, xs, gs, w, w_hat, b)
+        # the bias is on both sides of the error: x̂·Ŵᵀ − x·Wᵀ, one addmm per candidate
+        return error_loss(metric, linear_error(w_hat, F.linear(xs, w)), gs)
 
 
 class QConv2d(QWeighted):
@@ -587,19 +599,28 @@ class QAttention(QuantModule):
         metric, pts = config.metric, config.search_points
         with torch.no_grad():
             logits, out = q @ k.transpose(-2, -1), a @ v
+            g_logits, g_out = s.get("g_logits"), s.get("g_out")
+            if metric == "cosine":
+                q_loss = output_loss(metric, lambda t: t @ k.transpose(-2, -1), logits, g_logits)
+                k_loss = output_loss(metric, lambda t: q @ t.transpose(-2, -1), logits, g_logits)
+                a_loss = output_loss(metric, lambda t: t @ v, out, g_out)
+                v_loss = output_loss(metric, lambda t: a @ t, out, g_out)
+            else:  # each candidate's error inside its matmul (``error_loss``)
+                kt = k.transpose(-2, -1)
+                q_loss = error_loss(metric, matmul_error(logits, right=kt), g_logits)
+                k_loss = error_loss(metric, matmul_error(logits, left=q, transposed=True),
+                                    g_logits)
+                a_loss = error_loss(metric, matmul_error(out, right=v), g_out)
+                v_loss = error_loss(metric, matmul_error(out, left=a), g_out)
             if _enabled(self.q_q):
-                self.q_q.calibrate(q, output_loss(
-                    metric, lambda t: t @ k.transpose(-2, -1), logits, s.get("g_logits")), pts)
+                self.q_q.calibrate(q, q_loss, pts)
             if _enabled(self.k_q):
-                self.k_q.calibrate(k, output_loss(
-                    metric, lambda t: q @ t.transpose(-2, -1), logits, s.get("g_logits")), pts)
+                self.k_q.calibrate(k, k_loss, pts)
             if _enabled(self.a_q):
                 a_in = self._kernel_softmax(q, k, a) if _integer(config) else a
-                self.a_q.calibrate(a_in, output_loss(metric, lambda t: t @ v, out,
-                                                     s.get("g_out")), pts)
+                self.a_q.calibrate(a_in, a_loss, pts)
             if _enabled(self.v_q):
-                self.v_q.calibrate(v, output_loss(metric, lambda t: a @ t, out, s.get("g_out")),
-                                   pts)
+                self.v_q.calibrate(v, v_loss, pts)
 
 
     def _kernel_softmax(self, q: Tensor, k: Tensor, a: Tensor) -> Tensor:
