@@ -35,10 +35,9 @@ def error_loss(metric: str, error: Callable[[Tensor], Tensor],
                grad: Tensor | None = None) -> Callable[[Tensor], Tensor]:
     """``output_loss`` (MSE or Hessian) from ``error(x̂) = consumer(x̂) − target``, which the
     caller computes inside the consumer's own matmul (``linear_error``, ``matmul_error``: the
-    GEMM adds −target as it accumulates). A candidate then costs its matmul and the metric's
-    two passes, without the output-sized subtraction and its fresh tensor: half the time of
-    ``output_loss`` per candidate on deit_tiny's fc1 (measured, one thread). Cosine compares
-    outputs, not errors, and keeps ``output_loss``."""
+    GEMM adds −target as it accumulates), and the mean square is one dot product: per
+    candidate, two output-sized passes and one fresh output-sized tensor fewer than
+    ``output_loss``. Cosine compares outputs, not errors, and keeps ``output_loss``."""
     if metric == "cosine":
         raise ValueError("error_loss scores MSE or Hessian; cosine needs output_loss")
     weight = grad if metric == "hessian" else None

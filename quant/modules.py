@@ -600,28 +600,24 @@ class QAttention(QuantModule):
         with torch.no_grad():
             logits, out = q @ k.transpose(-2, -1), a @ v
             g_logits, g_out = s.get("g_logits"), s.get("g_out")
-            if metric == "cosine":
-                q_loss = output_loss(metric, lambda t: t @ k.transpose(-2, -1), logits, g_logits)
-                k_loss = output_loss(metric, lambda t: q @ t.transpose(-2, -1), logits, g_logits)
-                a_loss = output_loss(metric, lambda t: t @ v, out, g_out)
-                v_loss = output_loss(metric, lambda t: a @ t, out, g_out)
-            else:  # each candidate's error inside its matmul (``error_loss``)
-                kt = k.transpose(-2, -1)
-                q_loss = error_loss(metric, matmul_error(logits, right=kt), g_logits)
-                k_loss = error_loss(metric, matmul_error(logits, left=q, transposed=True),
-                                    g_logits)
-                a_loss = error_loss(metric, matmul_error(out, right=v), g_out)
-                v_loss = error_loss(metric, matmul_error(out, left=a), g_out)
+            kt = k.transpose(-2, -1)
+
+            def loss(consumer, target, grad, **operands):
+                if metric == "cosine":
+                    return output_loss(metric, consumer, target, grad)
+                # each candidate's error inside its matmul (``error_loss``)
+                return error_loss(metric, matmul_error(target, **operands), grad)
+
             if _enabled(self.q_q):
-                self.q_q.calibrate(q, q_loss, pts)
+                self.q_q.calibrate(q, loss(lambda t: t @ kt, logits, g_logits, right=kt), pts)
             if _enabled(self.k_q):
-                self.k_q.calibrate(k, k_loss, pts)
+                self.k_q.calibrate(k, loss(lambda t: q @ t.transpose(-2, -1), logits, g_logits,
+                                           left=q, transposed=True), pts)
             if _enabled(self.a_q):
                 a_in = self._kernel_softmax(q, k, a) if _integer(config) else a
-                self.a_q.calibrate(a_in, a_loss, pts)
+                self.a_q.calibrate(a_in, loss(lambda t: t @ v, out, g_out, right=v), pts)
             if _enabled(self.v_q):
-                self.v_q.calibrate(v, v_loss, pts)
-
+                self.v_q.calibrate(v, loss(lambda t: a @ t, out, g_out, left=a), pts)
 
     def _kernel_softmax(self, q: Tensor, k: Tensor, a: Tensor) -> Tensor:
         """What the integer Softmax makes of the calibration logits: Q·Kᵀ on the calibrated
