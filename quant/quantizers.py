@@ -172,15 +172,19 @@ class Quantizer(nn.Module, ABC):
         return self.dequantize(self.codes(x), x)
 
     def search_quant(self, x: Tensor) -> Tensor:
-        """``fake_quant(x)`` bit for bit, for scoring search candidates: subclasses compute it
-        in floating point, without the integer codes (exact: every code is an integer below
-        2^24)."""
+        """``fake_quant(x)`` bit for bit, for scoring search candidates and for the simulator's
+        forward pass: subclasses compute it in floating point, without the integer codes
+        (exact: every code is an integer below 2^24), in fewer passes."""
         return self.fake_quant(x)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled or not bool(self.calibrated):
             return x
-        y = self.fake_quant(x)
+        # The same values either way; the in-place passes of ``search_quant`` stay out of a
+        # graph that autograd records. Measured on deit_tiny, 32 images, one thread: the
+        # quantized forward pass 2.66 s through the codes, 1.50 s (FP32: 0.75 s).
+        recorded = torch.is_grad_enabled() and x.requires_grad
+        y = self.fake_quant(x) if recorded else self.search_quant(x)
         if self.probe is not None:
             xd = x.detach().double()
             self.probe["signal"] += float((xd * xd).sum())
