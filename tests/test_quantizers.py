@@ -414,6 +414,23 @@ def test_pow2_search_quant_is_fake_quant(seed, bits, rule, shared, scale):
     assert torch.equal(q.search_quant(x * 1.3), q.fake_quant(x * 1.3))
 
 
+@pytest.mark.parametrize("setting", ["full", "partial"])
+def test_the_simulators_forward_pass_is_the_codes_path(tiny_vit, images, setting):
+    """Without a recorded graph the quantizers run ``search_quant``; where autograd records,
+    the integer codes: every logit is the same."""
+    from conftest import FAST
+
+    from quant import QuantConfig, quantize
+
+    qmodel = quantize(tiny_vit, images[:8], QuantConfig(setting=setting, **FAST))
+    with torch.no_grad():
+        fast = qmodel(images)
+    with torch.enable_grad():
+        through_codes = qmodel(images.clone().requires_grad_(True))
+    assert through_codes.requires_grad
+    assert torch.equal(fast, through_codes.detach())
+
+
 def test_coarse_to_fine_finds_a_unimodal_minimum():
     for n in (1, 7, 16, 17, 50, 100):
         for best in range(n):
