@@ -246,9 +246,15 @@ class UniformQuantizer(Quantizer):
         return _bcast(self.scale, x, self.axis)
 
     def search_quant(self, x: Tensor) -> Tensor:
-        # clamp(round(x/s) + z, 0, top) − z = clamp(round(x/s), −z, top − z) on integers
+        # clamp(round(x/s) + z, 0, top) − z = clamp(round(x/s), −z, top − z) on integers;
+        # scalar bounds where the zero point is one (per tensor, or symmetric: a clamp to
+        # tensors is several times slower)
         s = _bcast(self.scale, x, self.axis)
-        z = _bcast(self.zero_point, x, self.axis).to(x.dtype)
+        z = _bcast(self.zero_point, x, self.axis)
+        if self.symmetric or z.numel() == 1:
+            z = self._sym_zero() if self.symmetric else int(z)
+        else:
+            z = z.to(x.dtype)
         return (x / s).round_().clamp_(-z, self.levels - 1 - z).mul_(s)
 
     def _alphas(self, points: int, low: float) -> list[float]:
