@@ -261,4 +261,5 @@ def test_scale_bench_peak_rss_tells_the_dispatcher_from_its_forked_loader_worker
             child.kill()
         proc.kill()
     assert summary["data_loader_worker_mb"] >= 64 > summary["dispatcher_mb"] > 0
+    assert summary["data_loader_worker_uss_mb"] >= 64  # its own pages, not the dispatcher's
     assert summary["ray_workers_mb"] == []
