@@ -33,6 +33,9 @@ class Capture:
     # (query rows, patches) are sampled from every image (``QAttention._capture_attention``,
     # ``QConv2d._capture``).
     elements: int = 1 << 21
+    # What a sampled attention tensor keeps: every candidate of Q, K, V and A costs a matmul
+    # over the kept query rows, so this bounds those searches' cost (``_capture_attention``).
+    attention_sample: int = 1 << 20
     grads: bool = False
     # Also sum xᵀx over every real input row of each weighted layer (GPTQ's Hessian).
     input_hessian: bool = False
@@ -64,12 +67,17 @@ def capture_rows(x: Tensor, capture: Capture,
                  start: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``x`` as rows of its last axis: (all rows, the sampled rows' indices, and every
     channel's min and max over the real rows). Padding tokens are neither sampled nor counted
-    in the per-channel ranges."""
+    in the per-channel ranges. The sample is ``capture.rows`` random rows plus the rows of the
+    tensor's own min and max: a per-tensor quantizer's range is the whole tensor's, a
+    per-channel one gets ``lo`` and ``hi``, and a candidate's loss is a mean over uniformly
+    drawn rows. Each channel's extreme rows, kept too before, added 925 rows to fc2's 2,048 on
+    deit_tiny (768 channels), all of them scored by every candidate, and weighted the loss
+    towards outliers (BENCHMARKS.md, "Third round")."""
     x2 = x.detach().reshape(-1, x.shape[-1])
     real = capture.real_rows(x, start)
     pool = x2 if real is None else x2[real]
     lo, hi = pool.amin(0), pool.amax(0)
-    idx = sample_rows(pool, capture.rows, capture.generator, lo, hi)
+    idx = sample_rows(pool, capture.rows, capture.generator, lo, hi, per_channel=False)
     return x2, idx if real is None else real[idx], lo, hi
 
 
@@ -87,31 +95,37 @@ def pick_per_image(scores: Tensor, forced: list[Tensor], count: int,
 
 
 def sample_rows(x2: Tensor, rows: int, gen: torch.Generator, lo: Tensor | None = None,
-                hi: Tensor | None = None) -> Tensor:
+                hi: Tensor | None = None, per_channel: bool = True) -> Tensor:
     """Random rows plus the rows that hold each channel's min and max (``lo``, ``hi`` when
     known), so that a sampled tensor still shows the full range of every channel (outlier
-    channels live in few tokens)."""
+    channels live in few tokens). ``per_channel=False``: only the rows of the tensor's own
+    min and max, for a sample whose per-channel ranges travel beside it."""
     n = x2.shape[0]
     if n <= rows:
         return torch.arange(n, device=x2.device)
-    lo = x2.amin(0) if lo is None else lo
-    hi = x2.amax(0) if hi is None else hi
-    extreme = torch.cat([first_row_of(x2, hi, True), first_row_of(x2, lo, False)]).unique()
+    if per_channel:
+        lo = x2.amin(0) if lo is None else lo
+        hi = x2.amax(0) if hi is None else hi
+        extreme = torch.cat([first_row_of(x2, hi, True), first_row_of(x2, lo, False)])
+    else:
+        extreme = torch.stack([x2.argmax(), x2.argmin()]) // x2.shape[1]
     rand = torch.randperm(n, generator=gen)[:rows].to(x2.device)
-    return torch.cat([rand, extreme]).unique()
+    return torch.cat([rand, extreme.unique()]).unique()
 
 
 def first_row_of(x2: Tensor, value: Tensor, largest: bool) -> Tensor:
     """Per channel, the first row of ``x2`` holding ``value``, its max (or min):
     ``argmax(0)``'s answer (``argmin(0)``'s), at a fraction of its cost on one thread (a
     strided reduction there; here one comparison finds the few rows holding an extreme, then
-    those are searched)."""
-    hit = x2 == value
-    rows = torch.nonzero(hit.any(1)).flatten()
+    those are searched). The hits are 0/1 in x2's dtype: comparisons into bool and
+    reductions of bool run scalar loops on some CPU builds (AVX2: 15 ms → 10 ms per call on
+    fc2's 6304 × 768 inputs)."""
+    hit = torch.eq(x2, value, out=torch.empty_like(x2))
+    rows = torch.nonzero(hit.amax(1)).flatten()
     found = hit[rows]
-    if len(rows) == 0 or not bool(found.any(0).all()):  # a NaN equals nothing
+    if len(rows) == 0 or not bool(found.amax(0).min() > 0):  # a NaN equals nothing
         return x2.argmax(0) if largest else x2.argmin(0)
-    return rows[found.to(torch.uint8).argmax(0)]
+    return rows[found.argmax(0)]  # the first of the hits
 
 
 class QuantModule(nn.Module, ABC):
@@ -559,7 +573,7 @@ class QAttention(QuantModule):
         """Keep Q, K, V and A of every image (padding queries and keys zeroed: they count for
         nothing). K and V stay whole (B·H·N·D, the size of the qkv output): a query's logits
         and its output read every key. Where A (B·H·N·N) is over ``Capture.elements``, each
-        image and head keeps r = elements // (B·H·N) query rows of Q and A, and of the
+        image and head keeps r = attention_sample // (B·H·N) query rows of Q and A, and of the
         gradients at the logits and at the output: random real rows from the seeded generator,
         plus the rows holding Q's min and max and A's max, so that the sampled tensors keep
         their full range, and token 0 (the class token: in a classifier's last block the only
@@ -567,12 +581,18 @@ class QAttention(QuantModule):
         everywhere, so Q_s·Kᵀ and A_s·V are exactly those rows of the full products, and the
         row-wise (integer) Softmax sees whole rows. Every calibration loss is a mean over
         rows, which a random row sample of every image estimates (the forced rows aside); the first
-        images alone (4 of 32 on ViT-B at 224) left the rest of the calibration set out."""
+        images alone (4 of 32 on ViT-B at 224) left the rest of the calibration set out.
+        A sample keeps 2^20 values of A (``Capture.attention_sample``; deit_tiny at 224: 55
+        of 197 query rows of every image and head, 5,280 rows in all), half the cap under
+        which a tensor stays whole: a loss estimated from that many rows picks the same
+        scales within noise, and each of a block's ~50 candidates costs a matmul over them
+        (checked on MiniLM with its attention forced to a sample: BENCHMARKS.md, "Third
+        round")."""
         keep = self.capture.keep_tokens
         q, k, v, a = (keep(t.detach()) for t in (q, k, v, a))
         b, h, n, _ = a.shape
-        r = self.capture.elements // max(1, b * h * n)
-        if r >= n:
+        r = min(n, self.capture.attention_sample // max(1, b * h * n))
+        if b * h * n * n <= self.capture.elements or r >= n:
             self.stats.update(q=q, k=k, v=v, a=a)
             self._grad_hook(logits, "g_logits", lambda g: g)
             self._grad_hook(out, "g_out", lambda g: g)
@@ -585,9 +605,12 @@ class QAttention(QuantModule):
         forced = [first, q.amax(-1).argmax(-1), q.amin(-1).argmin(-1), a.amax(-1).argmax(-1)]
         scores = torch.rand(b, h, n, generator=self.capture.generator).to(a.device)
         rows = pick_per_image(scores, forced, max(1, r), padding)
+        # whole rows of the flattened (B·H·N, ·) tensors: ``index_select`` copies rows, where
+        # ``gather`` along an expanded index reads element by element (3× slower)
+        flat = (rows + torch.arange(b * h, device=a.device).view(b, h, 1) * n).reshape(-1)
 
         def pick(t: Tensor) -> Tensor:
-            return t.gather(2, rows[..., None].expand(-1, -1, -1, t.shape[-1]))
+            return t.reshape(b * h * n, -1).index_select(0, flat).view(*rows.shape, -1)
 
         self.stats.update(q=pick(q), k=k, v=v, a=pick(a))
         self._grad_hook(logits, "g_logits", pick)

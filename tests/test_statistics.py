@@ -60,8 +60,10 @@ def test_attention_statistics_come_from_every_image(vit_b_stats):
     s = attn.stats
     q, k, v = fp_attention(model, images)
     b, h, n, d = q.shape
-    r = Capture().elements // (b * h * n)
-    assert 1 < r < n  # over the cap: sampled
+    cap = Capture()
+    assert b * h * n * n > cap.elements  # over the cap: sampled, to attention_sample values
+    r = cap.attention_sample // (b * h * n)
+    assert 1 < r < n and s["a"].numel() <= cap.attention_sample
     assert s["q"].shape == (b, h, r, d) and s["a"].shape == (b, h, r, n)
     assert s["g_logits"].shape == (b, h, r, n) and s["g_out"].shape == (b, h, r, d)
     assert torch.allclose(s["k"], k, atol=1e-5) and torch.allclose(s["v"], v, atol=1e-5)
@@ -80,6 +82,31 @@ def test_attention_statistics_come_from_every_image(vit_b_stats):
     # the sampled Q keeps the full tensor's range
     assert float(s["q"].max()) == pytest.approx(float(q.max()), abs=1e-5)
     assert float(s["q"].min()) == pytest.approx(float(q.min()), abs=1e-5)
+
+
+def test_linear_input_sample_is_random_rows_and_the_tensors_extremes(vit_b_stats):
+    """Over ``Capture.rows`` a Linear's input keeps that many random rows plus the rows of the
+    tensor's min and max; every channel's range travels beside it, over all rows."""
+    model, images, cal = vit_b_stats
+    seen = {}
+    h = model.blocks[0].mlp.fc2.register_forward_hook(lambda _m, a, _o: seen.update(x=a[0]))
+    with torch.no_grad():
+        model(images)
+    h.remove()
+    full = seen["x"].reshape(-1, seen["x"].shape[-1])  # 32 · 197 rows × 3072 channels
+    fc2 = dict(cal.twin.named_modules())["blocks.0.mlp.fc2"].stats
+    rows = Capture().rows
+    assert len(full) > rows and rows <= len(fc2["x"]) <= rows + 2
+    assert float(fc2["x"].max()) == pytest.approx(float(full.max()), abs=1e-5)
+    assert float(fc2["x"].min()) == pytest.approx(float(full.min()), abs=1e-5)
+    assert torch.allclose(fc2["hi"], full.amax(0), atol=1e-5)
+    assert torch.allclose(fc2["lo"], full.amin(0), atol=1e-5)
+    assert fc2["g"].shape == (len(fc2["x"]), 768)
+    # distinct rows of the input, drawn across the images (not the first ones only)
+    dist = torch.cdist(fc2["x"][::64], full, compute_mode=EXACT)
+    picked = dist.argmin(1)
+    assert float(dist.amin(1).max()) < 1e-4 and len(set(picked.tolist())) == len(picked)
+    assert len(set((picked // 197).tolist())) > IMAGES // 2
 
 
 def test_patch_embedding_statistics_come_from_every_image(vit_b_stats):
@@ -128,6 +155,11 @@ def test_under_the_cap_statistics_are_the_full_tensors(monkeypatch):
     assert torch.allclose(attn.stats["k"], k) and torch.allclose(attn.stats["v"], v)
     assert torch.equal(conv.stats["x"], calib)
     got = cal.calibrate().state_dict()
+    # the sample's size applies only over the cap: under it, A stays whole whatever it is
+    monkeypatch.setattr(quant.calibrate, "Capture",
+                        functools.partial(Capture, attention_sample=1 << 8))
+    assert torch.equal(twin_modules(Calibrator(model, calib, cfg))[0].stats["a"],
+                       attn.stats["a"])
     monkeypatch.setattr(quant.calibrate, "Capture", functools.partial(Capture, elements=1 << 40))
     want = Calibrator(model, calib, cfg).calibrate().state_dict()
     assert got.keys() == want.keys()
