@@ -1,5 +1,5 @@
-"""The *fast graph* of a checkpoint: a QDQ ONNX model (S8S8) that ONNX Runtime fuses into int8
-matmuls, with float LayerNorm, Softmax and GELU between.
+"""The *fast graph* of a checkpoint: a QDQ ONNX model (int8 grids stored as uint8: U8U8) that
+ONNX Runtime fuses into 8-bit matmuls, with float LayerNorm, Softmax and GELU between.
 
 ``export_qdq(checkpoint, out)`` (or ``export_onnx(checkpoint, out, form="qdq")``) builds it from
 the checkpoint's content, not by tracing: the calibrated twin
@@ -62,7 +62,7 @@ def qdq_model(checkpoint_path: str | os.PathLike, per_channel_qdq: bool = False
 
 def export_qdq(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
                per_channel_qdq: bool = False) -> Path:
-    """Write the QDQ (S8S8) fast graph of a checkpoint to ``out_path``."""
+    """Write the QDQ (U8U8) fast graph of a checkpoint to ``out_path``."""
     model = qdq_model(checkpoint_path, per_channel_qdq)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

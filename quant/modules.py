@@ -99,7 +99,10 @@ def sample_rows(x2: Tensor, rows: int, gen: torch.Generator, lo: Tensor | None =
     """Random rows plus the rows that hold each channel's min and max (``lo``, ``hi`` when
     known), so that a sampled tensor still shows the full range of every channel (outlier
     channels live in few tokens). ``per_channel=False``: only the rows of the tensor's own
-    min and max, for a sample whose per-channel ranges travel beside it."""
+    min and max, for a sample whose per-channel ranges travel beside it. The random rows come
+    first, in their random order, so that any prefix of the sample is a uniform draw over every
+    image (the weight search takes one: ``QLinear._weight_sample``); sorted, a prefix held the
+    first images only (512 rows of a 2,048-row sample: 8 of deit_tiny's 32)."""
     n = x2.shape[0]
     if n <= rows:
         return torch.arange(n, device=x2.device)
@@ -110,7 +113,8 @@ def sample_rows(x2: Tensor, rows: int, gen: torch.Generator, lo: Tensor | None =
     else:
         extreme = torch.stack([x2.argmax(), x2.argmin()]) // x2.shape[1]
     rand = torch.randperm(n, generator=gen)[:rows].to(x2.device)
-    return torch.cat([rand, extreme.unique()]).unique()
+    extreme = extreme.unique()
+    return torch.cat([rand, extreme[~torch.isin(extreme, rand)]])
 
 
 def first_row_of(x2: Tensor, value: Tensor, largest: bool) -> Tensor:
@@ -411,7 +415,9 @@ class QLinear(QWeighted):
             self.__dict__["last_out"] = out.detach()
 
     def _weight_sample(self, x: Tensor) -> Tensor:
-        return x[:512]  # the weight search is per channel and needs fewer rows
+        # the weight search is per channel and needs fewer rows: a prefix of the sample, a
+        # uniform draw over every image where the input was sampled (``sample_rows``)
+        return x[:512]
 
     def _input_loss(self, metric: str, xs: Tensor, gs: Tensor | None, w: Tensor, w_hat: Tensor,
                     b: Tensor | None):
@@ -584,10 +590,9 @@ class QAttention(QuantModule):
         images alone (4 of 32 on ViT-B at 224) left the rest of the calibration set out.
         A sample keeps 2^20 values of A (``Capture.attention_sample``; deit_tiny at 224: 55
         of 197 query rows of every image and head, 5,280 rows in all), half the cap under
-        which a tensor stays whole: a loss estimated from that many rows picks the same
-        scales within noise, and each of a block's ~50 candidates costs a matmul over them
-        (checked on MiniLM with its attention forced to a sample: BENCHMARKS.md, "Third
-        round")."""
+        which a tensor stays whole: each of a block's ~50 candidates costs a matmul over
+        these rows, and on deit_tiny the 2^20 sample picks the same quantizers as 2^21 did
+        (BENCHMARKS.md, "Third round")."""
         keep = self.capture.keep_tokens
         q, k, v, a = (keep(t.detach()) for t in (q, k, v, a))
         b, h, n, _ = a.shape

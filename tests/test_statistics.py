@@ -107,6 +107,9 @@ def test_linear_input_sample_is_random_rows_and_the_tensors_extremes(vit_b_stats
     picked = dist.argmin(1)
     assert float(dist.amin(1).max()) < 1e-4 and len(set(picked.tolist())) == len(picked)
     assert len(set((picked // 197).tolist())) > IMAGES // 2
+    # the weight search's rows, the sample's first 512: drawn from every image, not the first
+    first = torch.cdist(fc2["x"][:512], full, compute_mode=EXACT).argmin(1) // 197
+    assert len(set(first.tolist())) == IMAGES
 
 
 def test_patch_embedding_statistics_come_from_every_image(vit_b_stats):
