@@ -99,13 +99,15 @@ def test_demo_keeps_serving_for_the_dashboard(tmp_path):
         assert "/ui/jobs/" in page, lines
         base, job_id = page.split("/ui/jobs/")
         assert f"follow it in a browser: {page}\n" in lines
-        assert httpx.get(page).status_code == 200
-        artifacts = httpx.get(f"{base}/jobs/{job_id}/artifacts").json()
+        # generous timeouts: on a loaded 2-core machine the server answers slowly (httpx's
+        # default is 5 s)
+        assert httpx.get(page, timeout=60).status_code == 200
+        artifacts = httpx.get(f"{base}/jobs/{job_id}/artifacts", timeout=60).json()
         ckpt = next(a for a in artifacts if a["kind"] == "checkpoint")
-        assert hashlib.sha256(httpx.get(base + ckpt["url"]).content).hexdigest() == \
+        assert hashlib.sha256(httpx.get(base + ckpt["url"], timeout=60).content).hexdigest() == \
             ckpt["sha256"]
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0]
+        rest = proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
