@@ -229,11 +229,15 @@ class QdqGraph:
             wt = _np(w.detach().float().reshape(w.shape[0], -1).t())
             return self.const(wt if rows is None else wt[rows], hint + "_w")
         ints, scales = self.weight_codes(w, wq, hint)
-        wi = self.const((ints if rows is None else ints[rows]).astype(np.int16) + 128,
-                        hint + "_wq", np.uint8)
+        return self.weight_dq(ints if rows is None else ints[rows], scales, hint, axis=1)
+
+    def weight_dq(self, ints: np.ndarray, scales: np.ndarray, hint: str, axis: int) -> str:
+        """DequantizeLinear of int8 weight codes with per-channel scales on ``axis``, the codes
+        stored + 128 as uint8 with zero point 128 (see ``qdq``)."""
+        wi = self.const(ints.astype(np.int16) + 128, hint + "_wq", np.uint8)
         ws = self.const(scales, hint + "_ws")
         wz = self.const(np.full(len(scales), 128), hint + "_wz", np.uint8)
-        return self.op("DequantizeLinear", [wi, ws, wz], hint + "_wdq", axis=1)
+        return self.op("DequantizeLinear", [wi, ws, wz], hint + "_wdq", axis=axis)
 
     def matmuls(self, parts: list[str], rhs: str, hint: str) -> str:
         return self.total([self.op("MatMul", [p, rhs], hint + "_mm") for p in parts], hint)

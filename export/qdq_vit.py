@@ -45,11 +45,7 @@ def vit_to_qdq(model, per_channel_qdq: bool = False) -> onnx.ModelProto:
     wq = conv.weight_q
     if _on(wq):
         ints = wq.integer(wq.codes(w)).to(torch.int8)
-        wdq = g.op("DequantizeLinear", [g.const(_np(ints).astype(np.int16) + 128, "pw_q",
-                                                np.uint8),
-                                        g.const(_np(wq.scale.float().reshape(-1))),
-                                        g.const(np.full(w.shape[0], 128), "pw_z", np.uint8)],
-                   axis=0)
+        wdq = g.weight_dq(_np(ints), _np(wq.scale.float().reshape(-1)), "pw", axis=0)
     else:
         wdq = g.const(_np(w))
     kh, kw = w.shape[2:]

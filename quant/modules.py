@@ -77,7 +77,7 @@ def capture_rows(x: Tensor, capture: Capture,
     real = capture.real_rows(x, start)
     pool = x2 if real is None else x2[real]
     lo, hi = pool.amin(0), pool.amax(0)
-    idx = sample_rows(pool, capture.rows, capture.generator, lo, hi, per_channel=False)
+    idx = sample_rows(pool, capture.rows, capture.generator, per_channel=False)
     return x2, idx if real is None else real[idx], lo, hi
 
 
