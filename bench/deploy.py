@@ -14,7 +14,10 @@ texts; latency on 8 texts of 128 tokens), five variants of one model:
 * ``ort_static``: ONNX Runtime's ``quantize_static`` (QDQ, S8S8, MinMax, the same calibration
   inputs tsptq calibrates on);
 * ``tsptq_fast``: tsptq's W8A8 integer-setting checkpoint as its fast QDQ graph
-  (``export_onnx(..., form="qdq")``);
+  (``export_onnx(..., form="qdq")``, uint8 × uint8 operands: exact on every CPU);
+* ``tsptq_fast_s8s8``: the same graph with int8 × int8 operands (``operands="s8s8"``): faster
+  where the CPU has VNNI, where it is also exact; inexact on x86 without VNNI (the report says
+  which holds here);
 * ``tsptq_integer``: the same checkpoint as its integer graph (bit-identical to the engine).
 
 For each: the median latency of ``--repeats`` (20) timed runs after ``--warmup`` (3) at batch 1
@@ -44,13 +47,15 @@ import onnxruntime as ort
 import torch
 
 from export import export_onnx
+from export.cpu import int8_flags, s8s8_is_exact
 from quant import QuantConfig, quantize, save_quantized
 
-VARIANTS = ("fp32", "ort_dynamic", "ort_static", "tsptq_fast", "tsptq_integer")
+VARIANTS = ("fp32", "ort_dynamic", "ort_static", "tsptq_fast", "tsptq_fast_s8s8",
+            "tsptq_integer")
+FAST = ("tsptq_fast", "tsptq_fast_s8s8")
 BATCHES = (1, 8)
 THREADS = (1, 2)
 TEXT_TOKENS = 128
-INT8_FLAGS = ("avx512_vnni", "avx_vnni", "avx512bw", "amx_int8", "amx_tile")
 # Operators of the fast graph that exist for V-2SF only (the coarse operand, its clips, the sum
 # of the two products), matched on the node names the exporter writes.
 V2SF_NODE_MARKS = ("_fc2_in", "_attn_a_", "_fc2_sum", "_av_sum", "_fc2_0_in")
@@ -69,14 +74,6 @@ class Workload:
     @property
     def is_text(self) -> bool:
         return isinstance(self.calib, dict)
-
-
-def cpu_int8_flags() -> list[str]:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [f for f in INT8_FLAGS if f in flags]
 
 
 def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
@@ -237,10 +234,12 @@ def bench_workload(w: Workload, workdir: Path, warmup: int, repeats: int, log=pr
     paths = {"fp32": export_fp32(w, workdir / f"{w.name}_fp32.onnx")}
     if {"ort_dynamic", "ort_static"} & set(variants):
         paths.update(ort_quantized(w, paths["fp32"], workdir))
-    for variant, form, suffix in (("tsptq_fast", "qdq", "fast"),
-                                  ("tsptq_integer", "integer", "integer")):
+    for variant, form, operands in (("tsptq_fast", "qdq", "u8u8"),
+                                    ("tsptq_fast_s8s8", "qdq", "s8s8"),
+                                    ("tsptq_integer", "integer", "u8u8")):
         if variant in variants:  # only what is asked for: the integer export takes a while
-            paths[variant] = export_onnx(ckpt, workdir / f"{w.name}_{suffix}.onnx", form=form)
+            paths[variant] = export_onnx(ckpt, workdir / f"{w.name}_{variant}.onnx", form=form,
+                                         operands=operands)
     paths = {v: paths[v] for v in variants}
     log(f"{w.name}: calibrated in {calib_s:.0f} s, exported")
     ref = outputs(session(paths["fp32"], 2), w)
@@ -261,7 +260,7 @@ def bench_workload(w: Workload, workdir: Path, warmup: int, repeats: int, log=pr
                 log(f"  {v:<14} b{batch} t{threads} {ms:9.2f} ms")
     feed = {k: v[:8] for k, v in w.latency_input.items()}
     prof = {}
-    for v in ("tsptq_fast", "tsptq_integer"):
+    for v in (*FAST, "tsptq_integer"):
         if v not in paths:
             continue
         ops, v2sf = profile(paths[v], feed)
@@ -316,16 +315,18 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
     at = {(r["model"], r["variant"], r["batch"], r["threads"]): r for r in rows}
     out = []
     for model in ("deit_small_patch16_224", "minilm"):
-        fp, fast = at.get((model, "fp32", 8, 2)), at.get((model, "tsptq_fast", 8, 2))
-        dyn = at.get((model, "ort_dynamic", 8, 2))
-        if fp and fast and dyn:
+        fp, dyn = at.get((model, "fp32", 8, 2)), at.get((model, "ort_dynamic", 8, 2))
+        for v in FAST:
+            fast = at.get((model, v, 8, 2))
+            if not (fp and fast and dyn):
+                continue
             s = fp["latency_ms"] / fast["latency_ms"]
-            out.append((f"{model}: tsptq_fast ≥ 2× faster than fp32 (b8, 2 threads)", s >= 2,
+            out.append((f"{model}: {v} ≥ 2× faster than fp32 (b8, 2 threads)", s >= 2,
                         f"{s:.2f}×"))
-            out.append((f"{model}: tsptq_fast no slower than ort_dynamic (b8, 2 threads)",
-                         fast["latency_ms"] <= dyn["latency_ms"],
-                         f"{fast['latency_ms']:.1f} vs {dyn['latency_ms']:.1f} ms"))
-    for v in ("tsptq_fast", "tsptq_integer"):
+            out.append((f"{model}: {v} no slower than ort_dynamic (b8, 2 threads)",
+                        fast["latency_ms"] <= dyn["latency_ms"],
+                        f"{fast['latency_ms']:.1f} vs {dyn['latency_ms']:.1f} ms"))
+    for v in (*FAST, "tsptq_integer"):
         r = at.get(("minilm", v, 8, 2))
         if r:
             out.append((f"minilm {v}: cosine ≥ 0.995, NN ≥ 92%",
@@ -337,7 +338,8 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
             out.append((f"digits {v}: top-1 within 0.5 points of FP32", drop <= 0.5,
                         f"{100 * r['top1']:.2f}% vs {100 * fp['top1']:.2f}%"))
     for model in sorted({r["model"] for r in rows}):
-        fp, fast = at.get((model, "fp32", 8, 2)), at.get((model, "tsptq_fast", 8, 2))
+        fp = at.get((model, "fp32", 8, 2))
+        fast = at.get((model, "tsptq_fast", 8, 2)) or at.get((model, "tsptq_fast_s8s8", 8, 2))
         if fp and fast:
             ratio = fast["size_bytes"] / fp["size_bytes"]
             out.append((f"{model}: tsptq_fast file ≤ 27% of fp32", ratio <= 0.27,
@@ -346,8 +348,9 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
 
 
 def print_report(rows: list[dict], extra: list[dict]) -> None:
-    print(f"CPU int8 instruction sets: {', '.join(cpu_int8_flags()) or 'none found'}; "
-          f"onnxruntime {ort.__version__}")
+    print(f"CPU int8 instruction sets: {', '.join(int8_flags()) or 'none found'}; "
+          f"onnxruntime {ort.__version__}; its int8 × int8 (s8s8) kernels are "
+          f"{'exact' if s8s8_is_exact() else 'INEXACT (saturating int16 sums)'} on this CPU")
     head = (f"{'model':<24}{'variant':<15}{'b':>3}{'thr':>4}{'ms':>10}{'×fp32':>7}{'MB':>8}"
             f"  accuracy")
     print(head)
@@ -368,7 +371,7 @@ def print_report(rows: list[dict], extra: list[dict]) -> None:
             total = sum(ms for _, ms, _ in p["ops"])
             print(f"\nprofile {e['model']} {v}, batch 8, 2 threads ({total:.1f} ms of kernels"
                   + (f"; V-2SF's own nodes and coarse matmuls {p['v2sf_ms']:.1f} ms"
-                     if v == "tsptq_fast" else "") + "):")
+                     if v in FAST else "") + "):")
             for op, ms, n in p["ops"][:12]:
                 print(f"  {op:<26}{ms:>9.2f} ms {100 * ms / total:5.1f}%  ×{n}")
     print()
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated (default: all five; fp32 always runs)")
+                   help="comma-separated (default: all six; fp32 always runs)")
     p.add_argument("--text-limit", type=int, default=None,
                    help="MiniLM: this many test texts (default: all)")
     args = p.parse_args(argv)
@@ -410,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "command": "python -m bench.deploy " + " ".join(
                 argv if argv is not None else sys.argv[1:]),
-            "onnxruntime": ort.__version__, "cpu_int8": cpu_int8_flags(), "rows": rows,
+            "onnxruntime": ort.__version__, "cpu_int8": int8_flags(),
+            "s8s8_exact": s8s8_is_exact(), "rows": rows,
             "models": extra, "targets": [{"target": n, "pass": ok, "value": v}
                                          for n, ok, v in targets(rows)]}, indent=2))
     return 0

@@ -12,6 +12,7 @@ from .kernels import ExportError
 from .onnx_integer import export_onnx as _export_integer
 from .onnx_integer import program_to_onnx
 from .onnx_qdq import export_qdq, qdq_model
+from .qdq_builder import OPERANDS
 
 FORMS = ("integer", "qdq", "auto")
 
@@ -25,18 +26,19 @@ def default_form(checkpoint_path: str | os.PathLike) -> str:
 
 
 def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
-                form: str = "integer") -> Path:
-    """``form="integer"``: the bit-exact integer graph; ``"qdq"``: the fast QDQ graph;
-    ``"auto"``: the integer graph where the checkpoint has an integer program, else the fast
-    one."""
+                form: str = "integer", operands: str = "u8u8") -> Path:
+    """``form="integer"``: the bit-exact integer graph; ``"qdq"``: the fast QDQ graph (its int8
+    grids as ``operands``: ``"u8u8"``, exact on every CPU, or ``"s8s8"``, faster where the CPU
+    has VNNI); ``"auto"``: the integer graph where the checkpoint has an integer program, else
+    the fast one."""
     if form == "auto":
         form = default_form(checkpoint_path)
     if form == "integer":
         return _export_integer(checkpoint_path, out_path)
     if form == "qdq":
-        return export_qdq(checkpoint_path, out_path)
+        return export_qdq(checkpoint_path, out_path, operands=operands)
     raise ValueError(f"unknown ONNX form {form!r} (one of {FORMS})")
 
 
-__all__ = ["FORMS", "ExportError", "default_form", "export_onnx", "export_qdq", "program_to_onnx",
-           "qdq_model"]
+__all__ = ["FORMS", "OPERANDS", "ExportError", "default_form", "export_onnx", "export_qdq",
+           "program_to_onnx", "qdq_model"]

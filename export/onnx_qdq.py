@@ -1,5 +1,7 @@
-"""The *fast graph* of a checkpoint: a QDQ ONNX model (int8 grids stored as uint8: U8U8) that
-ONNX Runtime fuses into 8-bit matmuls, with float LayerNorm, Softmax and GELU between.
+"""The *fast graph* of a checkpoint: a QDQ ONNX model that ONNX Runtime fuses into 8-bit matmuls,
+with float LayerNorm, Softmax and GELU between. Its int8 grids are stored as uint8 (``u8u8``, the
+default: exact in ONNX Runtime on every CPU) or as int8 (``s8s8``: exact and faster on CPUs with
+VNNI and on ARM, inexact on x86 without VNNI; ``QdqGraph.qdq``).
 
 ``export_qdq(checkpoint, out)`` (or ``export_onnx(checkpoint, out, form="qdq")``) builds it from
 the checkpoint's content, not by tracing: the calibrated twin
@@ -39,31 +41,35 @@ import onnx
 from .kernels import ExportError
 
 
-def qdq_model(checkpoint_path: str | os.PathLike, per_channel_qdq: bool = False
-              ) -> onnx.ModelProto:
+def qdq_model(checkpoint_path: str | os.PathLike, per_channel_qdq: bool = False,
+              operands: str = "u8u8") -> onnx.ModelProto:
     """The fast graph of a checkpoint of any setting (the integer one, or the float simulation
     of "full" and "partial": the same quantizers, read from the calibrated twin)."""
     from quant.checkpoint import load_quantized
 
+    from .qdq_builder import OPERANDS
+
+    if operands not in OPERANDS:  # before the checkpoint is read
+        raise ValueError(f"unknown operands {operands!r} (one of {OPERANDS})")
     model = load_quantized(checkpoint_path).model  # a tsptq checkpoint, or CheckpointError
     from timm.models.vision_transformer import VisionTransformer
 
     if isinstance(model, VisionTransformer):
         from .qdq_vit import vit_to_qdq
 
-        return vit_to_qdq(model, per_channel_qdq)
+        return vit_to_qdq(model, per_channel_qdq, operands)
     if type(model).__name__ == "BertModel":
         from .qdq_bert import bert_to_qdq
 
-        return bert_to_qdq(model, per_channel_qdq)
+        return bert_to_qdq(model, per_channel_qdq, operands)
     raise ExportError(f"{type(model).__name__} has no fast (QDQ) ONNX form yet (timm ViT/DeiT and "
                       "BERT encoders have); its integer graph exports: form=\"integer\"")
 
 
 def export_qdq(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
-               per_channel_qdq: bool = False) -> Path:
-    """Write the QDQ (U8U8) fast graph of a checkpoint to ``out_path``."""
-    model = qdq_model(checkpoint_path, per_channel_qdq)
+               per_channel_qdq: bool = False, operands: str = "u8u8") -> Path:
+    """Write the fast graph of a checkpoint to ``out_path``."""
+    model = qdq_model(checkpoint_path, per_channel_qdq, operands)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(out))

@@ -45,10 +45,11 @@ def _lookup(g: QdqGraph, model, pname: str, ids: str, hint: str) -> str:
     return g.op("Mul", [rows, scale], hint)
 
 
-def bert_to_qdq(model, per_channel_qdq: bool = False) -> onnx.ModelProto:
+def bert_to_qdq(model, per_channel_qdq: bool = False, operands: str = "u8u8"
+                ) -> onnx.ModelProto:
     from quant.modules import QLayerNorm, QLinear, QSelfAttention
 
-    g = QdqGraph(per_channel_qdq)
+    g = QdqGraph(per_channel_qdq, operands)
     emb = model.embeddings
     if getattr(model.config, "position_embedding_type", "absolute") != "absolute":
         raise ExportError("BERT with relative position embeddings has no QDQ form")

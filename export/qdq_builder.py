@@ -44,11 +44,19 @@ def _steps(q) -> tuple[np.ndarray, np.ndarray]:
     return sc, _np(q.zero_point.reshape(-1)).astype(np.float64)
 
 
-class QdqGraph:
-    """Nodes and initializers, with fresh names."""
+OPERANDS = ("u8u8", "s8s8")
 
-    def __init__(self, per_channel_qdq: bool = False) -> None:
+
+class QdqGraph:
+    """Nodes and initializers, with fresh names; ``operands``: how the int8 grids are stored
+    (see ``qdq``)."""
+
+    def __init__(self, per_channel_qdq: bool = False, operands: str = "u8u8") -> None:
+        if operands not in OPERANDS:
+            raise ValueError(f"unknown operands {operands!r} (one of {OPERANDS})")
         self.per_channel_qdq = per_channel_qdq
+        # u8u8: int8 codes stored + 128 as uint8 (zero points + 128), the same values
+        self.shift, self.code_type = (128, np.uint8) if operands == "u8u8" else (0, np.int8)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
@@ -79,14 +87,17 @@ class QdqGraph:
     # -- quantizers ----------------------------------------------------------------------------
     def qdq(self, x: str, scale, zero, axis: int | None = None, hint: str = "q") -> str:
         """QuantizeLinear then DequantizeLinear, scale(s) and zero point(s) given on the int8
-        grid, stored as uint8 with the zero point shifted by 128 (the same values). With the
-        weights' codes shifted the same way (``_weight``), every matmul ONNX Runtime fuses is
-        uint8 × uint8, which it computes exactly on every x86 CPU. Its int8 and uint8 × int8
-        kernels on x86 without VNNI (AVX2, AVX-512 before VNNI) add pairs of products in
-        saturating int16, as ONNX Runtime's quantization docs say: on an AVX2 EPYC the
-        digits fast graph's top-1 agreement with the integer engine fell to 99.44%."""
+        grid. ``u8u8`` (the default) stores it as uint8 with the zero point shifted by 128 (the
+        same values); with the weights' codes shifted the same way (``weight_dq``), every matmul
+        ONNX Runtime fuses is uint8 × uint8, which it computes exactly on every x86 CPU. Its
+        uint8 × int8 kernels (which also run int8 × int8, ``s8s8``) are exact and faster where
+        the CPU has VNNI (and on ARM), but on x86 without VNNI (AVX2, AVX-512 before VNNI) they
+        add pairs of products in saturating int16, as ONNX Runtime's quantization docs say: on
+        an AVX2 EPYC the digits s8s8 graph's top-1 agreement with the integer engine fell to
+        99.44%."""
         s = self.const(np.asarray(scale, np.float32), hint + "_s")
-        z = self.const(np.asarray(zero).astype(np.int16) + 128, hint + "_z", np.uint8)
+        z = self.const(np.asarray(zero).astype(np.int16) + self.shift, hint + "_z",
+                       self.code_type)
         kw = {} if axis is None else {"axis": axis}
         q = self.op("QuantizeLinear", [x, s, z], hint + "_q", **kw)
         return self.op("DequantizeLinear", [q, s, z], hint + "_dq", **kw)
@@ -143,7 +154,10 @@ class QdqGraph:
           t + 1 = 2^m·k0 (post-Softmax: z = 0, t = 127 at 8 bits) the rounding itself lands A,
           τ and B right: fine = Q(x) with zero point 127 − (t + 1), which saturates at B, and
           its lower clip at −z·s is a saturation too where ``floor`` ≥ −z·s (post-Softmax,
-          post-GELU): no pass. Else clip(x, −zs, A) + clip(x·K − τ⁻·K, 0, B − A) with K = 2^64
+          post-GELU): no pass. Where t = 2^m·(k0 − 1), A is itself a coarse point and τ the
+          coarse grid's rounding edge A + S/2: fine = Q(x) saturating at A (zero point
+          127 − t), coarse = Q(clip(x, A, ·)), offset A (A below τ, x̂ from τ up): no pass for
+          the fine operand either. Else clip(x, −zs, A) + clip(x·K − τ⁻·K, 0, B − A) with K = 2^64
           (a step at τ without Where, which ONNX Runtime runs ~8× slower than Clip): five
           passes.
 
@@ -170,6 +184,13 @@ class QdqGraph:
             lo = None if floor_free else -z * s
             u = x if lo is None else self.clip(x, lo, None, hint + "_fclip")
             return [self.qdq(u, s, 127 - (t + 1), hint=hint + "_f"), coarse], b
+        if t == (k0 - 1) << m:  # A = S·(k0 − 1) is a coarse point, τ = A + S/2 its rounding edge
+            a = float(np.float32(big) * np.float32(k0 - 1))
+            coarse = self.qdq(self.clip(x, a, None, hint + "_cclip"), big, 127 - h,
+                              hint=hint + "_c")
+            lo = None if floor_free else -z * s
+            u = x if lo is None else self.clip(x, lo, None, hint + "_fclip")
+            return [self.qdq(u, s, 127 - t, hint=hint + "_f"), coarse], a
         k = np.float32(2.0 ** 64)
         tau = np.nextafter(np.float32(q._threshold()), np.float32(-np.inf))
         low = self.clip(x, None if floor_free else -z * s, s * t, hint + "_fclip")
@@ -216,8 +237,8 @@ class QdqGraph:
         return _np(ints.t().contiguous()), _np(wq.scale.float().reshape(-1))
 
     def weight(self, w: torch.Tensor, wq, hint: str, rows: np.ndarray | None = None) -> str:
-        """(in, out) MatMul weight: int8 codes, stored + 128 as uint8 with zero point 128 (see
-        ``qdq``), and per-output-channel scales (``rows``: those input rows only), or float.
+        """(in, out) MatMul weight: int8 codes (stored as ``qdq`` says) and per-output-channel
+        scales (``rows``: those input rows only), or float.
         Written once per weight and rows (token 0's product and the others' share it)."""
         key = (id(w), None if rows is None else rows.tobytes())
         if key not in self.weights:
@@ -232,11 +253,11 @@ class QdqGraph:
         return self.weight_dq(ints if rows is None else ints[rows], scales, hint, axis=1)
 
     def weight_dq(self, ints: np.ndarray, scales: np.ndarray, hint: str, axis: int) -> str:
-        """DequantizeLinear of int8 weight codes with per-channel scales on ``axis``, the codes
-        stored + 128 as uint8 with zero point 128 (see ``qdq``)."""
-        wi = self.const(ints.astype(np.int16) + 128, hint + "_wq", np.uint8)
+        """DequantizeLinear of int8 weight codes with per-channel scales on ``axis``: zero point
+        0, or (``u8u8``) the codes stored + 128 as uint8 with zero point 128 (see ``qdq``)."""
+        wi = self.const(ints.astype(np.int16) + self.shift, hint + "_wq", self.code_type)
         ws = self.const(scales, hint + "_ws")
-        wz = self.const(np.full(len(scales), 128), hint + "_wz", np.uint8)
+        wz = self.const(np.full(len(scales), self.shift), hint + "_wz", self.code_type)
         return self.op("DequantizeLinear", [wi, ws, wz], hint + "_wdq", axis=axis)
 
     def matmuls(self, parts: list[str], rhs: str, hint: str) -> str:

@@ -27,15 +27,16 @@ def _attention(g: QdqGraph, m, x: str, hint: str) -> str:
     return g.linear(m.proj, g.attention_heads(m, x, hint), hint + "_proj")
 
 
-def vit_to_qdq(model, per_channel_qdq: bool = False) -> onnx.ModelProto:
+def vit_to_qdq(model, per_channel_qdq: bool = False, operands: str = "u8u8") -> onnx.ModelProto:
     """The QDQ graph of a calibrated timm VisionTransformer twin (``per_channel_qdq``: O-2SF as
-    a per-channel QuantizeLinear/DequantizeLinear pair rather than float ops)."""
+    a per-channel QuantizeLinear/DequantizeLinear pair rather than float ops; ``operands``: see
+    ``QdqGraph.qdq``)."""
     from timm.models.vision_transformer import Block
     from torch import nn
 
     from quant.calibrate import param_quantizers
 
-    g = QdqGraph(per_channel_qdq)
+    g = QdqGraph(per_channel_qdq, operands)
     pe = model.patch_embed
     conv = pe.proj
     if not isinstance(pe.norm, nn.Identity) or not isinstance(model.norm_pre, nn.Identity):

@@ -7,6 +7,7 @@
     tsptq submit|status|cancel|download|gate   clients of a running service (TSPTQ_URL)
     tsptq quantize                  the library alone, no service
     tsptq export CKPT --format onnx [--form auto|integer|qdq] --out FILE   a checkpoint as ONNX
+                                    (--operands s8s8: the fast graph for CPUs with VNNI)
 
 ``quantize`` loads the model (the bundled digits ViT by default), calibrates every method at
 every width with a progress bar, prints the accuracy table, saves the first method's checkpoint
@@ -97,7 +98,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = args.out or args.checkpoint.with_suffix(".onnx")
     try:
         form = default_form(args.checkpoint) if args.form == "auto" else args.form
-        path = export_onnx(args.checkpoint, out, form=form)
+        if form == "integer" and args.operands is not None:
+            raise ValueError("--operands chooses the fast graph's int8 storage; this checkpoint "
+                             "exports its integer graph (--form qdq for the fast graph)")
+        path = export_onnx(args.checkpoint, out, form=form, operands=args.operands or "u8u8")
     except (ValueError, OSError) as e:  # CheckpointError, ExportError: a clear message, no trace
         print(f"tsptq: export failed: {e}", file=sys.stderr)
         return 1
@@ -309,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="integer: the integer program, bit-identical to the engine; qdq: the "
                     "fast graph (int8 matmuls in ONNX Runtime); auto (default): integer where "
                     "the checkpoint has an integer program, else qdq")
+    ex.add_argument("--operands", choices=("u8u8", "s8s8"),
+                    help="the fast graph's int8 grids: u8u8 (default), exact in ONNX Runtime on "
+                    "every CPU; s8s8, faster where the CPU has VNNI (and on ARM), but inexact "
+                    "on x86 without VNNI (saturating int16 sums)")
     ex.add_argument("--out", type=Path, help="output file (default: the checkpoint's path with "
                                              ".onnx)")
     ex.set_defaults(func=cmd_export)

@@ -147,6 +147,12 @@ def test_deploy_bench_rows_and_targets(tmp_path):
     by = {r["variant"]: r for r in rows if r["batch"] == 8 and r["threads"] == 2}
     assert by["fp32"]["agreement"] == 1.0 and by["tsptq_integer"]["top1"] > 0.95
     assert by["tsptq_fast"]["size_bytes"] < 0.4 * by["fp32"]["size_bytes"]
+    from export.cpu import s8s8_is_exact
+
+    fast, s8 = by["tsptq_fast"], by["tsptq_fast_s8s8"]  # the same graph, int8 grids stored apart
+    assert s8["size_bytes"] == fast["size_bytes"]
+    if s8s8_is_exact():
+        assert (s8["top1"], s8["agreement"]) == (fast["top1"], fast["agreement"])
     ops = dict((op, ms) for op, ms, _ in extra["profile"]["tsptq_fast"]["ops"])
     assert ops.get("MatMulIntegerToFloat", 0) > 0  # ONNX Runtime fused the int8 matmuls
     assert extra["profile"]["tsptq_fast"]["v2sf_ms"] > 0

@@ -213,6 +213,17 @@ def test_cli_export(quantized, tmp_path, capsys, images):
     # a full-setting checkpoint: by default, its fast graph
     assert main(["export", str(full), "--out", str(tmp_path / "fast.onnx")]) == 0
     assert "form qdq" in capsys.readouterr().out
+    s8_out = tmp_path / "s8.onnx"
+    assert main(["export", str(full), "--operands", "s8s8", "--out", str(s8_out)]) == 0
+    assert "form qdq" in capsys.readouterr().out
+    s8 = onnx.load(str(s8_out))
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+               for t in s8.graph.initializer)
+    # the integer graph has no such choice: a message, not a silently ignored flag
+    assert main(["export", str(path), "--operands", "s8s8", "--out",
+                 str(tmp_path / "y.onnx")]) != 0
+    err = capsys.readouterr().err
+    assert "--operands" in err and "Traceback" not in err
     (fast,) = _session(tmp_path / "fast.onnx").run(None, {"images": images.numpy()})
     assert fast.shape == got.shape
 

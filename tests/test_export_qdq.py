@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from export import export_onnx, export_qdq
+from export.cpu import s8s8_is_exact
 from quant import QuantConfig, quantize, save_quantized
 from quant.checkpoint import CheckpointError
 from quant.integer import IntegerEngine
@@ -98,6 +99,33 @@ def test_per_channel_qdq_o2sf_gives_the_same_graph_values(exported, digits, tmp_
     np.testing.assert_allclose(a, b, atol=1e-3)
 
 
+def test_s8s8_operands_are_int8_fused_and_exact_where_the_cpu_has_vnni(exported, digits,
+                                                                       tmp_path):
+    """``operands="s8s8"``: the same grids stored as int8 (weights' zero point 0), every matmul
+    still fused; where ONNX Runtime's int8 kernels are exact (VNNI, ARM) its logits are
+    bit-identical to the u8u8 graph's, the integer sums being the same."""
+    ckpt, path, _ = exported
+    s8 = export_onnx(ckpt, tmp_path / "s8.onnx", form="qdq", operands="s8s8")
+    model = onnx.load(str(s8))
+    onnx.checker.check_model(model, full_check=True)
+    types = collections.Counter(t.data_type for t in model.graph.initializer if len(t.dims) == 2)
+    assert types[onnx.TensorProto.INT8] and not types[onnx.TensorProto.UINT8], types
+    assert s8.stat().st_size == path.stat().st_size  # one byte per code either way
+    opt = tmp_path / "s8.opt.onnx"
+    _session(s8, optimized=opt)
+    kinds = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    assert sum(kinds[k] for k in INT8_MATMULS) >= 32 and kinds["MatMul"] == 0, kinds
+    x = {"images": digits.x_test.numpy()}
+    (u,) = _session(path).run(None, x)
+    (s,) = _session(s8).run(None, x)
+    if s8s8_is_exact():
+        assert np.array_equal(u, s)
+    else:  # saturating int16 sums: close, not equal (the reason u8u8 is the default)
+        assert float((u.argmax(1) == s.argmax(1)).mean()) >= 0.95
+    with pytest.raises(ValueError, match="operands"):
+        export_onnx(ckpt, tmp_path / "x.onnx", form="qdq", operands="s4s4")
+
+
 def test_export_qdq_direct_and_bad_inputs(exported, tmp_path, digits):
     ckpt, path, _ = exported
     again = export_qdq(ckpt, tmp_path / "again.onnx")
@@ -140,6 +168,9 @@ def test_float_setting_checkpoints_get_the_fast_graph(digits, tmp_path, setting,
     (6, 0.03, 2, 3, False, -0.17, "value"),  # fewer bits on the same int8 grids
     (8, 0.01, 3, 20, False, -0.17, "value"),  # the lower clip spared (z·s ≥ GELU's minimum)
     (8, 0.02, 3, 16, False, -0.17, "value"),  # t + 1 = 2^m·k0, the lower clip spared
+    (8, 0.01, 3, 7, False, -0.17, "value"),  # t = 2^m·(k0 − 1): A on the coarse grid
+    (8, 0.01, 2, 27, False, -0.17, "value"),  # the same, the lower clip spared
+    (8, 0.01, 2, 27, True, -0.17, "value"),  # the same with coarse_offset
     (8, 0.002, 4, 85, False, -0.17, "sign"),  # PTQ4ViT's twin: negatives fine, the rest coarse
 ])
 def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, offset, floor,
