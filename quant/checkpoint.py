@@ -19,6 +19,7 @@ import json
 import math
 import os
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .adapters import adapter_for_family
+from .adapters.base import CHOICE_FIELDS
 from .calibrate import integer_parameters
 from .config import QuantConfig
 from .factory import QuantizerFactory, apply_overrides
@@ -126,6 +128,9 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike,
     recipe = {
         "architecture": qmodel.architecture,
         "config": qmodel.config.to_dict(),
+        # what the config's None fields meant when it was built: a later default changes
+        # nothing here
+        "resolved": adapter_for_family(qmodel.architecture["family"]).choices(qmodel.config),
         "info": qmodel.info,
         "metrics": metrics or {},
         "wide": sorted(wide),
@@ -190,6 +195,18 @@ def read_program(path: str | os.PathLike):
     return _program_of(path, tensors, recipe)
 
 
+def _built_with(adapter, config: QuantConfig, recipe: dict) -> QuantConfig:
+    """The config the twin was built from: its None fields as the recipe records them, or, in
+    recipes from before that record, as the family chose then (without per-setting choices)."""
+    recorded = recipe.get("resolved")
+    if recorded is None:
+        return adapter.resolve(config, legacy=True)
+    if not isinstance(recorded, dict) or not set(recorded) <= set(CHOICE_FIELDS):
+        raise ValueError(f"resolved choices {recorded!r}")
+    built = replace(config, **{k: v for k, v in recorded.items() if getattr(config, k) is None})
+    return adapter.resolve(built, legacy=True)  # a field a later version added, as it was
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> QuantizedModel:
     """Rebuild the quantized model saved by ``save_quantized``."""
     tensors, recipe = _read(path)
@@ -203,7 +220,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         arch = recipe["architecture"]
         adapter = adapter_for_family(arch["family"])
         twin = adapter.rewrite(adapter.build(arch),
-                               QuantizerFactory(adapter.resolve(config))).eval()
+                               QuantizerFactory(_built_with(adapter, config, recipe))).eval()
         apply_overrides(twin, config)
         wide = set(recipe.get("wide", []))
     except (KeyError, TypeError, ValueError, UnsupportedModelError) as e:

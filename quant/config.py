@@ -66,11 +66,12 @@ class QuantConfig:
     search_rows: int = 2048
     outlier_rule: str = "threshold"
     # Beyond the paper: O-2SF on the inputs of qkv and fc1 too (tsptq only). None: the model
-    # family's choice (``ModelAdapter.post_ln_two_scale``): on for BERT encoders, whose
-    # post-LayerNorm activations carry outlier channels of their own; off for timm ViT/Swin,
-    # though the digits ViT's validation images prefer it: a family's choice is what a saved
-    # checkpoint's ``None`` rebuilds with, so switching waits for versioned recipes. Both:
-    # BENCHMARKS.md, "Defaults chosen on validation" (``bench.choices``).
+    # family's choice (``ModelAdapter.post_ln_two_scale``, ``setting_choices``): on for BERT
+    # encoders, whose post-LayerNorm activations carry outlier channels of their own, and for
+    # timm ViTs in the partial setting (with GPTQ: BENCHMARKS.md "Partial setting"); off for
+    # timm ViT/Swin otherwise, though the digits ViT's validation images prefer it in the full
+    # setting too (not switched: its fast ONNX graph would pay a Gather per exponent group on
+    # every qkv and fc1 input). BENCHMARKS.md, "Defaults chosen on validation" (``bench.choices``).
     post_ln_two_scale: bool | None = None
     # RepQ-ViT's scale reparameterization of the qkv and fc1 inputs (``quant.reparam``): the peer
     # that ``post_ln_two_scale`` is measured against. timm ViTs with pre-norm blocks only (in a
@@ -88,8 +89,7 @@ class QuantConfig:
     # choice (``ModelAdapter.first_token_scale``): on for BERT encoders under tsptq (their [CLS]
     # token carries activations ~100x every other token's; validated in BENCHMARKS.md,
     # "Defaults chosen on validation"); off for timm ViTs (offered where the class token is
-    # token 0; validation ties, and switching waits for versioned recipes, as above); not
-    # offered for Swin (a ValueError).
+    # token 0; validation ties); not offered for Swin (a ValueError).
     first_token_scale: bool | None = None
     # V-2SF's coarse grid starts above the fine one, so no code is wasted (see quantizers.py; a
     # departure from the paper's grid). None: the family's choice
@@ -101,8 +101,10 @@ class QuantConfig:
     coarse_offset: bool | None = None
     # How weights are rounded to their codes: "nearest", or "gptq", GPTQ's error-compensating
     # rounding on the layer's input Hessian (``quant.rounding``; the statistics pass then also
-    # gathers XᵀX of every weighted layer's inputs). The codes are codes either way.
-    weight_rounding: str = "nearest"
+    # gathers XᵀX of every weighted layer's inputs). The codes are codes either way. None: the
+    # family's choice for the setting (``ModelAdapter.setting_choices``): GPTQ for timm ViTs in
+    # the partial setting, nearest elsewhere.
+    weight_rounding: str | None = None
     # Per-channel zero points on the LayerNorm input: None = the method's own choice (tsptq: per
     # channel; ptf: one shared zero point, as FQ-ViT's code does). Set it for ablations.
     channel_zero_points: bool | None = None
@@ -126,7 +128,7 @@ class QuantConfig:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.outlier_rule not in OUTLIER_RULES:
             raise ValueError(f"outlier_rule must be one of {OUTLIER_RULES}")
-        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+        if self.weight_rounding not in (*WEIGHT_ROUNDINGS, None):
             raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}, "
                              f"got {self.weight_rounding!r}")
         for name in ("w_bits", "a_bits", "image_bits"):

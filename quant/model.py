@@ -122,7 +122,7 @@ class Calibrator:
         apply_overrides(twin, config)
         self.twin = twin.to(device)
         start = time.perf_counter()
-        collect_statistics(self.twin, self.images, config, adapter.task_loss)
+        collect_statistics(self.twin, self.images, resolved, adapter.task_loss)
         self.statistics_seconds = time.perf_counter() - start
         self.calib_digest = digest(self.images)
         self.adapter = adapter
@@ -228,13 +228,14 @@ class Calibrator:
                     self._restore(m, self._done[n, signatures[n]])
                     self._done.move_to_end((n, signatures[n]))
                     skip.add(n)
-        calibrate_modules(self.twin, config, progress, skip=frozenset(skip))
+        resolved = self.adapter.resolve(config)  # its None fields as the family chooses
+        calibrate_modules(self.twin, resolved, progress, skip=frozenset(skip))
         if incremental:
             for n, m in modules:
                 if n not in skip:
                     self._remember((n, signatures[n]), m)
         self._last = signatures
-        calibrate_parameters(self.twin, config)
+        calibrate_parameters(self.twin, resolved)
         round_float_parameters(self.twin)
         seconds = time.perf_counter() - start
         if copy_model:

@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="greedy", choices=STRATEGIES)
     p.add_argument("--method", default="tsptq", choices=METHODS)
     p.add_argument("--setting", default="full", choices=SETTINGS)
-    p.add_argument("--weight-rounding", default="nearest", choices=WEIGHT_ROUNDINGS,
-                   help="gptq: error-compensating weight rounding (quant.rounding)")
+    p.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS,
+                   help="gptq: error-compensating weight rounding (quant.rounding); default: "
+                   "the model family's choice for the setting")
     p.add_argument("--budget-bits", type=float, default=4.5)
     p.add_argument("--budget-weight-bits", type=float)
     p.add_argument("--budget-activation-bits", type=float)

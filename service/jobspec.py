@@ -50,10 +50,11 @@ class QuantSpec(Strict):
     w_bits: int = Field(8, ge=2, le=8)
     a_bits: int = Field(8, ge=3, le=8, description="at least 3: a two-scale code needs a flag")
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    weight_rounding: Literal["nearest", "gptq"] = Field(
-        "nearest", description='"nearest", or "gptq": GPTQ\'s error-compensating rounding on '
+    weight_rounding: Literal["nearest", "gptq"] | None = Field(
+        None, description='"nearest", or "gptq": GPTQ\'s error-compensating rounding on '
         "each layer's input Hessian (lower error at 4-bit weights, a few seconds more "
-        "calibration; the checkpoint format is the same)")
+        "calibration; the checkpoint format is the same). Unset: the model family's choice "
+        "for the setting (gptq for timm ViTs in the partial setting, nearest otherwise)")
 
 
 class SearchSpec(Strict):

@@ -91,7 +91,7 @@ def test_submit_fills_defaults(client, store):
     assert req["model"] == "digits_vit" and req["weights"] == "pretrained"
     assert req["data"]["source"] == "digits" and req["data"]["calib_size"] == 32
     assert req["quant"] == {"method": "tsptq", "setting": "full", "w_bits": 8, "a_bits": 8,
-                            "seed": 0, "weight_rounding": "nearest"}
+                            "seed": 0, "weight_rounding": None}
     assert req["search"]["strategy"] == "none"
     assert store.get_job(job["id"]).request == req  # stored exactly as answered
 

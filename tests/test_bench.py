@@ -120,6 +120,26 @@ def test_run_grid_integer_rows_and_details(tiny_vit, images, monkeypatch, capsys
     assert "blocks.0.attn.av" in out
 
 
+def test_partial_targets_read_the_partial_rows():
+    from bench.accuracy import METHODS, WIDTHS, check_partial_targets
+
+    rows = [{"method": m, "setting": "partial", "w_bits": w, "a_bits": a,
+             "agreement": 1.0 if m == "tsptq" else 0.99, "kl": 0.01} for m in METHODS
+            for w, a in WIDTHS]
+    checks = dict(check_partial_targets(rows))
+    assert len(checks) == 2 + len(WIDTHS) and all(checks.values())
+    for r in rows:
+        if (r["method"], r["w_bits"], r["a_bits"]) == ("tsptq", 6, 6):
+            r["agreement"] = 0.9972
+        if (r["method"], r["w_bits"]) == ("twin", 8):
+            r["agreement"], r["kl"] = 1.0, 0.001  # a tie on agreement goes to the lower KL
+    checks = dict(check_partial_targets(rows))
+    assert not checks["partial: tsptq W6A6 keeps every decision (100%)"]
+    assert not checks["W8A8 partial: tsptq best by agreement, then KL"]
+    assert checks["W4A4 partial: tsptq best by agreement, then KL"]
+    assert check_partial_targets(rows[:-1]) == []  # a row missing: no targets
+
+
 def test_text_integer_targets():
     from bench.text import check_integer_targets
 

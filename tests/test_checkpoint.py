@@ -206,3 +206,65 @@ def test_recipe_is_json(vit_ckpt):
         meta = f.metadata()
     assert meta["format"] == "tsptq.v1"
     assert json.loads(meta["recipe"]) == read_recipe(vit_ckpt)
+
+
+def _rewrite_recipe(path, out, change) -> None:
+    """A copy of a checkpoint whose recipe ``change(recipe)`` edits, its digest made anew."""
+    from quant.checkpoint import _digest
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta["recipe"])
+    change(recipe)
+    meta["recipe"] = json.dumps(recipe)
+    meta["digest"] = _digest(tensors, meta["recipe"])
+    save_file(tensors, str(out), metadata=meta)
+
+
+def test_partial_defaults_are_the_family_choice_and_recorded(quantized, images, tmp_path):
+    """timm ViTs in the partial setting default to O-2SF on the qkv/fc1 inputs and GPTQ (the
+    validation choice), the same calibration as asking for both; the checkpoint records what
+    the None fields meant, so a later default cannot change what it rebuilds."""
+    from quant.quantizers import ChannelPow2Quantizer
+
+    default = quantized("vit", setting="partial")
+    asked = quantized("vit", setting="partial", post_ln_two_scale=True, weight_rounding="gptq")
+    assert default.config.weight_rounding is None and default.config.post_ln_two_scale is None
+    assert isinstance(default.model.blocks[0].attn.qkv.input_q, ChannelPow2Quantizer)
+    sd, sa = default.model.state_dict(), asked.model.state_dict()
+    assert sd.keys() == sa.keys() and all(torch.equal(sd[k], sa[k]) for k in sd)
+    path = save_quantized(default, tmp_path / "partial.safetensors")
+    resolved = read_recipe(path)["resolved"]
+    assert resolved["post_ln_two_scale"] is True and resolved["weight_rounding"] == "gptq"
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path)(images), default(images))
+    full = quantized("vit")  # the full setting keeps per-tensor post-LN inputs, nearest rounding
+    assert not isinstance(full.model.blocks[0].attn.qkv.input_q, ChannelPow2Quantizer)
+    full_path = save_quantized(full, tmp_path / "full.safetensors")
+    assert read_recipe(full_path)["resolved"]["weight_rounding"] == "nearest"
+
+
+def test_recipe_from_before_recorded_choices_rebuilds_as_it_was_built(quantized, images,
+                                                                      tmp_path):
+    """A partial-setting checkpoint written before recipes recorded their choices was built
+    with per-tensor post-LN inputs and stores ``post_ln_two_scale: null``: it rebuilds so."""
+    old_made = quantized("vit", setting="partial", post_ln_two_scale=False,
+                         weight_rounding="nearest")
+    path = save_quantized(old_made, tmp_path / "made.safetensors")
+
+    def as_before(recipe):
+        recipe["config"]["post_ln_two_scale"] = None
+        del recipe["resolved"]
+
+    _rewrite_recipe(path, tmp_path / "old.safetensors", as_before)
+    again = load_quantized(tmp_path / "old.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(images), old_made(images))
+
+    def bad(recipe):
+        recipe["resolved"] = {"warp_factor": 9}
+
+    _rewrite_recipe(path, tmp_path / "bad.safetensors", bad)
+    with pytest.raises(CheckpointError, match="resolved"):
+        load_quantized(tmp_path / "bad.safetensors")

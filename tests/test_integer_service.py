@@ -48,6 +48,10 @@ def test_integer_job_reports_its_program(service):
 
     report = _report(client, job_id)
     assert report["config"]["setting"] == "integer"
+    # the unset fields as the checkpoint records them (timm ViT, integer setting)
+    assert report["config"]["weight_rounding"] is None
+    assert report["family_choices"]["weight_rounding"] == "nearest"
+    assert report["family_choices"]["coarse_offset"] is True
     rows = report["integer"]
     layers = {row["layer"] for row in rows}
     assert {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.av", "blocks.0.mlp.fc2",

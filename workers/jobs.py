@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from export import ExportError, default_form, export_onnx
-from quant import Calibrator, QuantConfig, save_quantized
+from quant import Calibrator, QuantConfig, read_recipe, save_quantized
 from quant.evaluate import compare, logits_of
 from quant.inputs import count, is_text
 from quant.text import compare_embeddings, embeddings_of
@@ -266,7 +266,10 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
            "compression": round(fp32_bytes / size, 2), "candidate": result.best.to_dict(),
            "search": summary, "onnx": onnx_metrics}
     report = {"model": inputs.model, "weights": str(inputs.weights), "strategy": inputs.strategy,
-              "config": asdict(base), "seed": base.seed, "result": out, "pareto_front": front,
+              "config": asdict(base),
+              # what the config's unset (None) fields were, as the checkpoint records them
+              "family_choices": read_recipe(ckpt).get("resolved"),
+              "seed": base.seed, "result": out, "pareto_front": front,
               "budget": asdict(budget), "stop": asdict(inputs.stop),
               "calibration_sample_ids": data.calib_ids, "inputs": "texts" if text else "images",
               **({"corpus_digest": data.corpus_digest} if text else {}),

@@ -34,6 +34,10 @@ from ..modules import (
 )
 from ..quantizers import Quantizer
 
+# ``QuantConfig`` fields whose None means "the model family's choice".
+CHOICE_FIELDS = ("post_ln_two_scale", "keep_bulk", "first_token_scale", "coarse_offset",
+                 "weight_rounding")
+
 # Plain LayerNorms (timm's subclass computes the same F.layer_norm).
 _LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
 
@@ -47,6 +51,11 @@ class ModelAdapter(ABC):
     keep_bulk: bool = False
     first_token_scale: bool = False
     coarse_offset: bool = False
+    weight_rounding: str = "nearest"
+    # The family's choices for one setting, over the ones above ({setting: {field: value}}).
+    # Checkpoints record what their None fields were resolved to (``choices``); recipes from
+    # before that record rebuild with the choices above alone (``legacy``), as they were made.
+    setting_choices: dict[str, dict[str, object]] = {}
     # Whether token 0 of this family's sequences is a fixed special token (``first_token_scale``
     # may be asked for).
     fixed_first_token: bool = False
@@ -57,18 +66,27 @@ class ModelAdapter(ABC):
     @abstractmethod
     def matches(self, model: nn.Module) -> bool: ...
 
-    def resolve(self, config: QuantConfig) -> QuantConfig:
-        """``config`` with the family's choices in place of its None fields: what the rewrite
-        builds from (the model keeps the config as given, so a checkpoint's recipe does too)."""
+    def choices(self, config: QuantConfig, legacy: bool = False) -> dict[str, object]:
+        """The family's values for ``config``'s None fields (``legacy``: without the
+        per-setting ones, as recipes that do not record them were built)."""
         if config.first_token_scale and not self.fixed_first_token:
             raise ValueError(f"first_token_scale is not offered for the {self.family} family: "
                              "its token 0 is not a fixed special token")
-        chosen = {name: getattr(self, name)
-                  for name in ("post_ln_two_scale", "keep_bulk", "first_token_scale",
-                               "coarse_offset")
-                  if getattr(config, name) is None}
+        family = {name: getattr(self, name) for name in CHOICE_FIELDS}
+        if not legacy:
+            family.update(self.setting_choices.get(config.setting, {}))
+        chosen = {name: v for name, v in family.items() if getattr(config, name) is None}
         if "first_token_scale" in chosen:  # like post_ln_two_scale, part of tsptq only
             chosen["first_token_scale"] &= config.method == "tsptq"
+        if config.post_ln_reparam and chosen.get("post_ln_two_scale"):
+            chosen["post_ln_two_scale"] = False  # the two are alternatives: the one asked for
+        return chosen
+
+    def resolve(self, config: QuantConfig, legacy: bool = False) -> QuantConfig:
+        """``config`` with the family's choices in place of its None fields: what the rewrite
+        and the calibration build from (the model keeps the config as given, and a checkpoint
+        records the choices beside it)."""
+        chosen = self.choices(config, legacy)
         return replace(config, **chosen) if chosen else config
 
     @abstractmethod
