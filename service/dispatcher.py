@@ -70,7 +70,8 @@ def inputs_of(spec: JobSpec, settings: Settings, weights: str | Path, workers: i
         stop=StopCriteria(s.max_candidates, s.time_budget_s, s.target_agreement),
         evolution=EvolutionSettings(population=s.population, generations=s.generations,
                                     seed=q.seed),
-        workers=workers, plots=spec.artifacts.plots)
+        workers=workers, plots=spec.artifacts.plots,
+        onnx_operands=spec.artifacts.onnx_operands)
 
 
 class Dispatcher:

@@ -88,6 +88,11 @@ class ArtifactSpec(Strict):
     plots: bool = Field(True, description="PNG plots (per V-2SF/O-2SF quantizer its activations "
                         "with the chosen split, and the Pareto front of a search); false skips "
                         "them, for a faster job")
+    onnx_operands: Literal["u8u8", "s8s8"] = Field(
+        "u8u8", description="the fast ONNX graph's int8 storage (full and partial settings): "
+        '"u8u8", exact in ONNX Runtime on every CPU; "s8s8", exact and faster on CPUs with '
+        "VNNI (x86 since Cascade Lake / Zen 4) and on ARM, inexact on older x86 (saturating "
+        "int16 sums); the job measures it on the service's CPU")
 
 
 class JobSpec(Strict):

@@ -188,9 +188,8 @@ def test_rounding_rows_score_validation_and_test(tiny_vit, images, monkeypatch):
     real = acc.quantize
     monkeypatch.setattr(acc, "quantize", lambda model, calib, cfg: real(
         model, calib, QuantConfig(**{**cfg.__dict__, **FAST})))
-    monkeypatch.setattr(acc, "ROUNDING_SETTINGS", ("full",))
     rows = acc.run_rounding(tiny_vit, data, logits_of(tiny_vit, images), "hessian",
-                            methods=("tsptq",), widths=((4, 8),))
+                            methods=("tsptq",), widths=((4, 8),), settings=("full",))
     assert [r["weight_rounding"] for r in rows] == ["nearest", "gptq"]
     assert all(0 <= r["val_agreement"] <= 1 and r["val_kl"] >= 0 and r["calib_s"] > 0
                for r in rows)

@@ -10,8 +10,10 @@ import hashlib
 import json
 
 import numpy as np
+import onnx as onnx_lib
 import onnxruntime as ort
 
+from export.cpu import s8s8_is_exact
 from quant.integer import IntegerEngine
 from quant.zoo.data import digits_data
 from service.jobspec import JobSpec
@@ -146,3 +148,20 @@ def test_full_setting_job_stores_its_fast_graph(service):
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     (logits,) = sess.run(None, {"images": digits_data().x_test[:2].numpy()})
     assert logits.shape == (2, 10)
+    assert onnx["operands"] == "u8u8" and onnx["exact_on_any_cpu"] is True
+
+    # the int8 × int8 form asked for: the same quantizers, int8 storage, said in the result
+    s8_job = {**job, "artifacts": {"plots": False, "onnx_operands": "s8s8"}}
+    s8_id = client.post("/jobs", json=s8_job).json()["id"]
+    assert dispatcher.run_once() == s8_id
+    s8 = client.get(f"/jobs/{s8_id}").json()["result"]["onnx"]
+    assert s8["operands"] == "s8s8" and s8["exact_on_any_cpu"] is False
+    s8_art = next(a for a in client.get(f"/jobs/{s8_id}/artifacts").json() if a["kind"] == "onnx")
+    s8_model = onnx_lib.load_from_string(client.get(f"/artifacts/{s8_art['id']}").content)
+    assert any(t.data_type == onnx_lib.TensorProto.INT8 and len(t.dims) == 2
+               for t in s8_model.graph.initializer)
+    if s8s8_is_exact():  # the same integer sums: the same test metrics
+        assert (s8["top1"], s8["agreement_with_simulator"]) == (
+            onnx["top1"], onnx["agreement_with_simulator"])
+    bad = client.post("/jobs", json={**job, "artifacts": {"onnx_operands": "s4s4"}})
+    assert bad.status_code == 422 and "onnx_operands" in bad.text

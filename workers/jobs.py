@@ -66,6 +66,7 @@ class JobInputs:
     evolution: EvolutionSettings = EvolutionSettings()
     workers: int = 2
     plots: bool = True  # the PNG plots (histograms, Pareto front); False skips them
+    onnx_operands: str = "u8u8"  # the fast graph's int8 storage (export.OPERANDS)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -238,12 +239,16 @@ def run_job(inputs: JobInputs, out_dir: Path, hooks: JobHooks | None = None) -> 
     t_onnx = time.perf_counter()
     form = default_form(ckpt)  # the integer graph where the checkpoint has a program
     try:
-        onnx_path = export_onnx(ckpt, out_dir / f"{name}.onnx", form=form)
+        onnx_path = export_onnx(ckpt, out_dir / f"{name}.onnx", form=form,
+                                operands=inputs.onnx_operands)
     except ExportError as e:  # a family or quantizer with no ONNX form: the result says which
         onnx_metrics = onnx_unavailable(base.setting, str(e))
     else:
         onnx_metrics = evaluate_onnx(onnx_path, data.x_test, y_test, fp_out, q_out, form,
                                      progress=images_done("ONNX Runtime"))
+        if form == "qdq":  # s8s8 is exact on this CPU only where its int8 kernels are
+            onnx_metrics |= {"operands": inputs.onnx_operands,
+                             "exact_on_any_cpu": inputs.onnx_operands == "u8u8"}
         files.append(("onnx", onnx_path, ONNX_MEDIA_TYPE))
     onnx_s = time.perf_counter() - t_onnx
     stage = "artifacts"
