@@ -28,8 +28,8 @@ class TimmViTAdapter(ModelAdapter):
     fixed_first_token = True
     coarse_offset = True  # chosen on validation: see QuantConfig.coarse_offset
     # The partial setting (LayerNorm in float): O-2SF on the qkv and fc1 inputs and GPTQ, the
-    # lowest validation KL at W4A4 and W4A8, within 2% at W6A6, second at W8A8 (digits ViT;
-    # BENCHMARKS.md "Partial setting").
+    # lowest validation KL at W6A6, W4A8 and W4A4, second at W8A8 (digits ViT; BENCHMARKS.md
+    # "Partial setting").
     setting_choices = {"partial": {"post_ln_two_scale": True, "weight_rounding": "gptq"}}
     timm_class = VisionTransformer
 
