@@ -19,8 +19,9 @@ the float weights, and the graph is written module by module, in the twin's orde
   sum is the fake-quantized value, each its own Q/DQ pair and its own int8 matmul, the two
   products summed; the region split and the clips are Clip passes and QuantizeLinear's own
   saturation (``QdqGraph._v2sf`` derives them), two to five passes;
-* token 0's own quantizers (BERT's [CLS], ``first_q``): row 0 and the other rows quantized and
-  multiplied apart, the products concatenated;
+* token 0's own quantizers (BERT's [CLS], ``first_q``): before a LayerNorm, O-2SF constants
+  gathered per row (row 0's, the others'), one pass over the tensor; before a Linear, row 0
+  and the other rows quantized and multiplied apart, the products concatenated;
 * Softmax's log2 quantizer (FQ-ViT) in float: 2^−round(−log2 a), 0 below 2^−(Q+½).
 
 ONNX Runtime's QDQ transformer turns each DequantizeLinear(act) + DequantizeLinear(weight) ->

@@ -6,8 +6,9 @@ embedding table is stored as its int8 codes and one scale per row: a lookup gath
 and the row's scale (never the whole table dequantized). Padding keys get −10^30 added to their
 logits (Softmax gives them 0, as the integer Softmax's keep mask leaves them out). Post-norm
 blocks: each LayerNorm's output is the next block's input and the residual. [CLS] (token 0)
-takes its own quantizers in every LayerNorm and Linear (``QdqGraph.rows``); BERT's qkv and fc1
-inputs are O-2SF, multiplied one exponent at a time (``QdqGraph.product``).
+takes its own quantizers in every LayerNorm and Linear (``QdqGraph.layernorm``,
+``QdqGraph.linear``); BERT's qkv and fc1 inputs are O-2SF, multiplied one exponent at a time
+(``QdqGraph.product``).
 """
 
 from __future__ import annotations

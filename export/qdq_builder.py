@@ -44,7 +44,32 @@ def _steps(q) -> tuple[np.ndarray, np.ndarray]:
     return sc, _np(q.zero_point.reshape(-1)).astype(np.float64)
 
 
+def _pow2_bounds(q) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """O-2SF / PTF as float ops: steps sc_c and the code bounds −z_c, 2^b − 1 − z_c, so that
+    x̂ = sc·min(max(round(x / sc), −z), top − z)."""
+    sc, z = _steps(q)
+    return (sc.astype(np.float32), (-z).astype(np.float32),
+            ((1 << q.bits) - 1 - z).astype(np.float32))
+
+
 OPERANDS = ("u8u8", "s8s8")
+# Added to the channels an O-2SF operand leaves out: QuantizeLinear saturates them to the zero
+# point's code −128, value 0 (its inputs are LayerNorm outputs, far from 10^30).
+LEFT_OUT = -1e30
+# An O-2SF input's largest exponent group is multiplied over every channel, the others' masked
+# to 0, when those others hold at most this share of the channels: a pass fewer (no Gather over
+# the tensor) for at most that share more multiplications in one matmul.
+MASK_SHARE = 1 / 16
+
+
+def _layout(groups: list[tuple[int, np.ndarray]], channels: int
+            ) -> list[tuple[int, np.ndarray, bool]]:
+    """(exponent, rows, masked) of each exponent group: ``masked`` for the largest one when the
+    others are few (``MASK_SHARE``), read from the whole tensor and the whole weight; the others
+    gathered, each with its weight rows."""
+    big = max(range(len(groups)), key=lambda i: len(groups[i][1]))
+    masked = channels - len(groups[big][1]) <= MASK_SHARE * channels
+    return [(e, rows, masked and i == big) for i, (e, rows) in enumerate(groups)]
 
 
 class QdqGraph:
@@ -62,6 +87,10 @@ class QdqGraph:
         self.n = 0
         self.small: dict[tuple, str] = {}
         self.weights: dict[tuple, str] = {}
+        self._row_index: str | None = None
+        # Operands by (what, tensor, quantizer, ...): the column blocks of one Linear (qkv's q,
+        # k and v) read one quantized input.
+        self._operands: dict[tuple, object] = {}
 
     def fresh(self, hint: str) -> str:
         self.n += 1
@@ -112,10 +141,21 @@ class QdqGraph:
             parts[-1] = self.op("Sub", [parts[-1], self.const(np.float32(offset))], hint + "_off")
         return parts
 
+    def once(self, key: tuple, build):
+        """``build()``, written once per ``key`` (see ``_operands``)."""
+        if key not in self._operands:
+            self._operands[key] = build()
+        return self._operands[key]
+
     def operands(self, x: str, q, hint: str, floor: float = -math.inf
                  ) -> tuple[list[str], float]:
         """``(parts, offset)``: the fake-quantized value is ``sum(parts) − offset``; a matmul
         takes the offset off its product (``offset · column sums``: a bias for a weight)."""
+        parts, offset = self.once(("operands", x, id(q), floor),
+                                  lambda: self._operands_of(x, q, hint, floor))
+        return list(parts), offset
+
+    def _operands_of(self, x: str, q, hint: str, floor: float) -> tuple[list[str], float]:
         if not _on(q):
             return [x], 0.0
         scheme = q.scheme
@@ -212,10 +252,22 @@ class QdqGraph:
             if q.bits != 8:
                 raise ExportError(f"{hint}: {q.bits}-bit activations (int8 only)")
             return self.qdq(x, sc, (z - 128).astype(np.int8), axis=-1, hint=hint)
-        top = (1 << q.bits) - 1
-        k = self.op("Round", [self.op("Div", [x, self.const(sc, hint + "_s")])])
-        k = self.op("Min", [self.op("Max", [k, self.const(-z)]), self.const(top - z)])
-        return self.op("Mul", [k, self.const(sc, hint + "_s")], hint + "_dq")
+        return self._pow2_ops(x, [self.const(c, hint + "_s") for c in _pow2_bounds(q)], hint)
+
+    def _pow2_ops(self, x: str, consts: list[str], hint: str) -> str:
+        sc, lo, hi = consts
+        k = self.op("Round", [self.op("Div", [x, sc])])
+        return self.op("Mul", [self.op("Min", [self.op("Max", [k, lo]), hi]), sc], hint + "_dq")
+
+    def _pow2_rows(self, x: str, first, rest, hint: str) -> str:
+        """Token 0 under O-2SF ``first`` and the other tokens under ``rest``, in one pass each:
+        the constants (L, C), row 0 ``first``'s and the others ``rest``'s, gathered from a
+        (2, C) table by each token's row (no Slice and Concat of the tensor)."""
+        rows = self.row_index(x)
+        consts = [self.op("Gather", [self.const(np.stack([a, b]), hint + "_rows"), rows],
+                          hint + "_rc", axis=0)
+                  for a, b in zip(_pow2_bounds(first), _pow2_bounds(rest), strict=True)]
+        return self._pow2_ops(x, consts, hint)
 
     def _log2(self, x: str, q, hint: str) -> str:
         e = int(q.exp_max)
@@ -236,20 +288,24 @@ class QdqGraph:
         ints = wq.integer(wq.codes(w)).to(torch.int8)
         return _np(ints.t().contiguous()), _np(wq.scale.float().reshape(-1))
 
-    def weight(self, w: torch.Tensor, wq, hint: str, rows: np.ndarray | None = None) -> str:
+    def weight(self, w: torch.Tensor, wq, hint: str, rows: np.ndarray | None = None,
+               cols: slice = slice(None)) -> str:
         """(in, out) MatMul weight: int8 codes (stored as ``qdq`` says) and per-output-channel
-        scales (``rows``: those input rows only), or float.
-        Written once per weight and rows (token 0's product and the others' share it)."""
-        key = (id(w), None if rows is None else rows.tobytes())
+        scales (``rows``: those input rows only; ``cols``: those outputs), or float.
+        Written once per weight, rows and columns (token 0's product and the others' share
+        it)."""
+        key = (id(w), None if rows is None else rows.tobytes(), cols.start, cols.stop)
         if key not in self.weights:
-            self.weights[key] = self._weight(w, wq, hint, rows)
+            self.weights[key] = self._weight(w, wq, hint, rows, cols)
         return self.weights[key]
 
-    def _weight(self, w: torch.Tensor, wq, hint: str, rows: np.ndarray | None) -> str:
+    def _weight(self, w: torch.Tensor, wq, hint: str, rows: np.ndarray | None,
+                cols: slice) -> str:
         if not _on(wq):
-            wt = _np(w.detach().float().reshape(w.shape[0], -1).t())
+            wt = _np(w.detach().float().reshape(w.shape[0], -1).t())[:, cols]
             return self.const(wt if rows is None else wt[rows], hint + "_w")
         ints, scales = self.weight_codes(w, wq, hint)
+        ints, scales = ints[:, cols], scales[cols]
         return self.weight_dq(ints if rows is None else ints[rows], scales, hint, axis=1)
 
     def weight_dq(self, ints: np.ndarray, scales: np.ndarray, hint: str, axis: int) -> str:
@@ -272,14 +328,28 @@ class QdqGraph:
 
     def rows(self, x: str) -> tuple[str, str]:
         """Token 0 and the other tokens of (N, L, C): ``first_q``'s rows and ``input_q``'s."""
+        return self.once(("rows", x), lambda: self._rows(x))
+
+    def _rows(self, x: str) -> tuple[str, str]:
         one = self.const(np.asarray([1]), "i", np.int64)
-        axis = self.const(np.asarray([1]), "i", np.int64)
-        head = self.op("Slice", [x, self.const(np.asarray([0]), "i", np.int64), one, axis])
-        tail = self.op("Slice", [x, one, self.const(np.asarray([1 << 62]), "i", np.int64), axis])
+        head = self.op("Slice", [x, self.const(np.asarray([0]), "i", np.int64), one, one])
+        tail = self.op("Slice", [x, one, self.const(np.asarray([1 << 62]), "i", np.int64), one])
         return head, tail
 
-    def product(self, x: str, q, m, hint: str,
-                floor: float = -math.inf) -> tuple[str, np.ndarray | None]:
+    def row_index(self, x: str) -> str:
+        """(L,) int64 of (N, L, C): 0 for token 0, 1 for the others (written once per graph:
+        every tensor it is asked for has the sequence's L)."""
+        if self._row_index is None:
+            length = self.op("Gather", [self.op("Shape", [x]),
+                                        self.const(np.asarray(1), "idx", np.int64)])
+            tokens = self.op("Range", [self.const(np.asarray(0), "i", np.int64), length,
+                                       self.const(np.asarray(1), "i", np.int64)])
+            self._row_index = self.op("Min", [tokens, self.const(np.asarray(1), "i", np.int64)],
+                                      "row_index")
+        return self._row_index
+
+    def product(self, x: str, q, m, hint: str, floor: float = -math.inf,
+                cols: slice = slice(None)) -> tuple[str, np.ndarray | None]:
         """x̂·W for the quantizer ``q`` of ``x`` and the Linear ``m``'s weight, and a constant to
         add to it (or None).
 
@@ -293,71 +363,100 @@ class QdqGraph:
         groups = _exponent_groups(q, m, hint)
         if groups is not None:
             sc, z = _steps(q)
+            zs = (z * sc).astype(np.float32)
             outs = []
-            for exp, rows in groups:
-                xg = self.op("Gather", [x, self.const(rows, hint + "_ch", np.int64)],
-                             hint + f"_e{exp}", axis=-1)
-                xg = self.op("Add", [xg, self.const((z * sc)[rows].astype(np.float32))])
-                xg = self.qdq(xg, float(sc[rows[0]]), -128, hint=hint + f"_e{exp}")
-                outs.append(self.op("MatMul", [xg, self.weight(m.weight, m.weight_q, hint,
-                                                                 rows)], hint + "_mm"))
-            return self.total(outs, hint), -((z * sc)[:, None] * self.weight_values(m, hint)).sum(0)
+            for exp, rows, masked in _layout(groups, len(sc)):
+
+                def group(exp=exp, rows=rows, masked=masked) -> str:
+                    if masked:  # every channel, the other groups' left out (value 0)
+                        shift = np.full(len(sc), LEFT_OUT, np.float32)
+                        shift[rows] = zs[rows]
+                        xg = x
+                    else:
+                        xg = self.op("Gather", [x, self.const(rows, hint + "_ch", np.int64)],
+                                     hint + f"_e{exp}", axis=-1)
+                        shift = zs[rows]
+                    xg = self.op("Add", [xg, self.const(shift)])
+                    return self.qdq(xg, float(sc[rows[0]]), -128, hint=hint + f"_e{exp}")
+
+                xg = self.once(("o2sf", x, id(q), exp), group)
+                w = self.weight(m.weight, m.weight_q, hint, None if masked else rows, cols)
+                outs.append(self.op("MatMul", [xg, w], hint + "_mm"))
+            const = -((z * sc)[:, None] * self.weight_values(m, hint, cols)).sum(0)
+            return self.total(outs, hint), const
         parts, offset = self.operands(x, q, hint + "_in", floor)
-        w = self.weight(m.weight, m.weight_q, hint)
+        w = self.weight(m.weight, m.weight_q, hint, cols=cols)
         if not offset:
             return self.matmuls(parts, w, hint), None
-        return self.matmuls(parts, w, hint), -offset * self.weight_values(m, hint).sum(0)
+        return self.matmuls(parts, w, hint), -offset * self.weight_values(m, hint, cols).sum(0)
 
-    def rows_product(self, x: str, q, m, hint: str, tail_q,
-                     floor: float = -math.inf) -> tuple[str, np.ndarray | None]:
+    def rows_product(self, x: str, q, m, hint: str, tail_q, floor: float = -math.inf,
+                     cols: slice = slice(None)) -> tuple[str, np.ndarray | None]:
         """``product`` for a few rows (token 0 under its own quantizer ``q``) that reads the
         int8 weight rows of the other rows' product (under ``tail_q``): grouped by the other
-        rows' O-2SF exponents, a second copy grouped by ``q``'s own would store qkv's and fc1's
-        weights twice (5.9 MiB of MiniLM's file). Within one of those groups the channels of
-        each of ``q``'s exponents are one int8 operand, the others masked to 0 (code −128, zero
-        point −128): one small int8 matmul per (group, exponent), exact as ``product``."""
+        rows' O-2SF exponents (``_layout``), a second copy grouped by ``q``'s own would store
+        qkv's and fc1's weights twice (5.9 MiB of MiniLM's file). Within one of those groups the
+        channels of each of ``q``'s exponents are one int8 operand, the others left out (value
+        0: code −128, zero point −128): one small int8 matmul per (group, exponent), exact as
+        ``product``."""
         groups, own = _exponent_groups(tail_q, m, hint), _exponent_groups(q, m, hint)
         if groups is None or own is None:
-            return self.product(x, q, m, hint, floor)
+            return self.product(x, q, m, hint, floor, cols)
         sc, z = _steps(q)
+        zs = (z * sc).astype(np.float32)
         e = _np(q.exponent.reshape(-1)).astype(np.int64)
         outs = []
-        for g, (_, rows) in enumerate(groups):
-            xg = self.op("Gather", [x, self.const(rows, hint + "_ch", np.int64)], hint + f"_g{g}",
-                         axis=-1)
-            xg = self.op("Add", [xg, self.const((z * sc)[rows].astype(np.float32))])
+        for g, (_, rows, masked) in enumerate(_layout(groups, len(sc))):
+            channels = np.arange(len(sc)) if masked else rows
+            inside = np.isin(channels, rows)
+            w = self.weight(m.weight, m.weight_q, hint, None if masked else rows, cols)
             for exp in np.unique(e[rows]):
-                keep = e[rows] == exp
-                xe = xg if keep.all() else self.op("Mul", [xg, self.const(keep.astype(np.float32))])
-                xe = self.qdq(xe, float(q.scale) * 2.0 ** int(exp), -128, hint=hint + f"_e{exp}")
-                outs.append(self.op("MatMul", [xe, self.weight(m.weight, m.weight_q, hint, rows)],
-                                    hint + "_mm"))
-        return self.total(outs, hint), -((z * sc)[:, None] * self.weight_values(m, hint)).sum(0)
 
-    def weight_values(self, m, hint: str) -> np.ndarray:
+                def operand(g=g, rows=rows, masked=masked, channels=channels, inside=inside,
+                            exp=exp) -> str:
+                    xg = x if masked else self.once(("gather", x, rows.tobytes()), lambda: self.op(
+                        "Gather", [x, self.const(rows, hint + "_ch", np.int64)], hint + f"_g{g}",
+                        axis=-1))
+                    keep = inside & (e[channels] == exp)
+                    shift = np.where(keep, zs[channels], np.float32(LEFT_OUT)).astype(np.float32)
+                    xe = self.op("Add", [xg, self.const(shift)])
+                    return self.qdq(xe, float(q.scale) * 2.0 ** int(exp), -128,
+                                    hint=hint + f"_e{exp}")
+
+                xe = self.once(("o2sf_rows", x, id(q), g, exp), operand)
+                outs.append(self.op("MatMul", [xe, w], hint + "_mm"))
+        const = -((z * sc)[:, None] * self.weight_values(m, hint, cols)).sum(0)
+        return self.total(outs, hint), const
+
+    def weight_values(self, m, hint: str, cols: slice = slice(None)) -> np.ndarray:
         """(in, out) float64 values of the weight the graph multiplies by (for bias constants)."""
         if not _on(m.weight_q):
-            return _np(m.weight.detach().double().reshape(m.weight.shape[0], -1).t())
+            return _np(m.weight.detach().double().reshape(m.weight.shape[0], -1).t())[:, cols]
         ints, scales = self.weight_codes(m.weight, m.weight_q, hint)
-        return ints.astype(np.float64) * scales.astype(np.float64)
+        return (ints.astype(np.float64) * scales.astype(np.float64))[:, cols]
 
-    def linear(self, m, x: str, hint: str, floor: float = -math.inf) -> str:
-        """A Linear: its input's quantized operand(s) times the int8 weight, then the bias.
-        With a first-token quantizer, token 0 and the rest are two products, concatenated."""
-        out_ch = m.weight.shape[0]
-        bias = np.zeros(out_ch) if m.bias is None else _np(m.bias.float()).astype(np.float64)
-        if getattr(m, "first_q", None) is not None and _on(m.first_q):
+    def linear(self, m, x: str, hint: str, floor: float = -math.inf,
+               cols: slice = slice(None)) -> str:
+        """A Linear (``cols``: those of its outputs): its input's quantized operand(s) times the
+        int8 weight, then the bias. With a first-token quantizer, token 0 and the rest are two
+        products, concatenated."""
+        bias = np.zeros(m.weight.shape[0]) if m.bias is None else _np(m.bias.float())
+        bias = bias.astype(np.float64)[cols]
+        out_ch = len(bias)
+        if _on(getattr(m, "first_q", None)):
             head, tail = self.rows(x)
-            h, hc = self.rows_product(head, m.first_q, m, hint + "_0", m.input_q, floor)
-            t, tc = self.product(tail, m.input_q, m, hint, floor)
+            h, hc = self.rows_product(head, m.first_q, m, hint + "_0", m.input_q, floor, cols)
+            t, tc = self.product(tail, m.input_q, m, hint, floor, cols)
             hc = np.zeros(out_ch) if hc is None else hc
             tc = np.zeros(out_ch) if tc is None else tc
             if np.any(hc != tc):  # the bias below carries the tail's constant
                 h = self.op("Add", [h, self.const((hc - tc).astype(np.float32))], hint + "_0c")
+            # Slices and a Concat: a Where of token 0's product into the full product's row
+            # (one pass instead of two) ran ~1.3× slower than both in ONNX Runtime 1.32.
             out = self.op("Concat", [h, t], hint + "_rows", axis=1)
             bias = bias + tc
         else:
-            out, const = self.product(x, m.input_q, m, hint, floor)
+            out, const = self.product(x, m.input_q, m, hint, floor, cols)
             if const is not None:
                 bias = bias + const
         if m.bias is not None or np.any(bias != 0):
@@ -369,17 +468,28 @@ class QdqGraph:
         """A fused-qkv self-attention (timm's Attention, tsptq's QSelfAttention) up to its heads
         concatenated, (N, L, C); ``logit_bias`` (broadcast to the logits) added before Softmax."""
         heads = m.num_heads
-        qkv = self.linear(m.qkv, x, hint + "_qkv")
         c = m.qkv.weight.shape[0] // 3
         d = c // heads
-        qkv = self.op("Transpose", [self.shape(qkv, [0, -1, 3, heads, d])], perm=[2, 0, 3, 1, 4])
-        q, k, v = (self.op("Gather", [qkv, self.const(np.asarray(j), "idx", np.int64)], axis=0)
-                   for j in range(3))
+        # Kᵀ before its quantizer: Q → DQ → MatMul, the pattern ONNX Runtime fuses (a Transpose
+        # between DQ and MatMul breaks it).
+        if self.shift:
+            # u8u8: q, k and v as three products of the one quantized input (qkv's weight in
+            # three column blocks: the same int8 sums), each transposed to its heads: no
+            # (N, L, 3C) transpose and split (DeiT-Small's qkv ~10% faster in ONNX Runtime 1.32,
+            # its graph 5%, bit for bit). Not for s8s8: ONNX Runtime then fuses none of the
+            # three into an int8 kernel (an int8 activation read by several MatMuls).
+            q, k, v = (self.op("Transpose", [self.shape(self.linear(
+                m.qkv, x, hint + "_qkv", cols=slice(j * c, (j + 1) * c)), [0, -1, heads, d])],
+                perm=perm) for j, perm in enumerate(([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3])))
+        else:
+            qkv = self.op("Transpose", [self.shape(self.linear(m.qkv, x, hint + "_qkv"),
+                                                   [0, -1, 3, heads, d])], perm=[2, 0, 3, 1, 4])
+            q, k, v = (self.op("Gather", [qkv, self.const(np.asarray(j), "idx", np.int64)],
+                               axis=0) for j in range(3))
+            k = self.op("Transpose", [k], perm=[0, 1, 3, 2])
         q = self.op("Mul", [q, self.const(float(m.scale))])
         (qd,) = self.quantize(q, m.q_q, hint + "_q")
-        # Kᵀ before its quantizer: Q → DQ → MatMul, the pattern ONNX Runtime fuses (a
-        # Transpose between DQ and MatMul breaks it).
-        (kt,) = self.quantize(self.op("Transpose", [k], perm=[0, 1, 3, 2]), m.k_q, hint + "_k")
+        (kt,) = self.quantize(k, m.k_q, hint + "_k")
         logits = self.op("MatMul", [qd, kt], hint + "_qk")
         if logit_bias is not None:
             logits = self.op("Add", [logits, logit_bias], hint + "_mask")
@@ -395,13 +505,17 @@ class QdqGraph:
         return self.shape(self.op("Transpose", [out], perm=[0, 2, 1, 3]), [0, 0, c])
 
     def layernorm(self, m, x: str, hint: str) -> str:
-        if getattr(m, "first_q", None) is not None and _on(m.first_q):
+        first = getattr(m, "first_q", None)
+        if not _on(first):
+            (xq,) = self.quantize(x, m.input_q, hint + "_in")
+        elif (_on(m.input_q) and first.scheme == m.input_q.scheme == "pow2"
+              and not self.per_channel_qdq):
+            xq = self._pow2_rows(x, first, m.input_q, hint + "_in")
+        else:
             head, tail = self.rows(x)
-            (h,) = self.quantize(head, m.first_q, hint + "_in0")
+            (h,) = self.quantize(head, first, hint + "_in0")
             (t,) = self.quantize(tail, m.input_q, hint + "_in")
             xq = self.op("Concat", [h, t], hint + "_rows", axis=1)
-        else:
-            (xq,) = self.quantize(x, m.input_q, hint + "_in")
         c = m.normalized_shape[0]
         w = np.ones(c) if m.weight is None else _np(m.weight.float())
         b = np.zeros(c) if m.bias is None else _np(m.bias.float())

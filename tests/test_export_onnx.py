@@ -4,6 +4,7 @@ integer kernels' ONNX forms agree with the torch ones on edge values."""
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import numpy as np
@@ -174,6 +175,34 @@ def test_minilm_fast_graph_follows_the_engine(minilm_integer):
     (hidden,) = _session(fast).run(None, feeds)
     padded = mean_pool(torch.from_numpy(hidden), data.x_test["attention_mask"])
     assert float(torch.nn.functional.cosine_similarity(padded, got, dim=-1).min()) > 0.99999
+
+
+@pytest.mark.slow
+def test_minilm_fast_graph_o2sf_groups_masked_or_gathered_agree(minilm_integer, monkeypatch):
+    """An O-2SF input's exponent group multiplied over every channel (the other groups' channels
+    saturated to value 0) or gathered: the same int8 sums, so the same outputs bit for bit."""
+    from export import qdq_builder
+
+    q, data, tmp_path = minilm_integer
+    ckpt = save_quantized(q, tmp_path / "groups.safetensors")
+    feeds = {k: v.numpy() for k, v in dict(data.x_test).items()}
+    feeds.setdefault("token_type_ids", np.zeros_like(feeds["input_ids"]))
+    outs, kinds, models = {}, {}, {}
+    for share in (0.0, 1.0):  # nothing masked; the largest group masked at every O-2SF input
+        monkeypatch.setattr(qdq_builder, "MASK_SHARE", share)
+        path = export_onnx(ckpt, tmp_path / f"groups_{share}.onnx", form="qdq")
+        models[share] = model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        kinds[share] = collections.Counter(n.op_type for n in model.graph.node)
+        (outs[share],) = _session(path).run(None, feeds)
+    assert kinds[1.0]["Gather"] < kinds[0.0]["Gather"]  # a Gather fewer per masked group
+    assert np.array_equal(outs[0.0], outs[1.0])
+    # [CLS]'s LayerNorm inputs are quantized row by row in one pass (no Slice and Concat); its
+    # Linears' inputs are sliced once each, however many products read them (qkv's three)
+    made_by = {o: n.op_type for n in models[0.0].graph.node for o in n.output}
+    norms = [n for n in models[0.0].graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 13 and all(made_by[n.input[0]] == "Mul" for n in norms)
+    assert kinds[0.0]["Slice"] == 2 * 6 * 4  # 6 layers × qkv, attention output, fc1, fc2
 
 
 # -- errors and the command line ---------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_s8s8_operands_are_int8_fused_and_exact_where_the_cpu_has_vnni(exported,
     onnx.checker.check_model(model, full_check=True)
     types = collections.Counter(t.data_type for t in model.graph.initializer if len(t.dims) == 2)
     assert types[onnx.TensorProto.INT8] and not types[onnx.TensorProto.UINT8], types
-    assert s8.stat().st_size == path.stat().st_size  # one byte per code either way
+    # one byte per code either way (u8u8 writes qkv's three column blocks apart: a few nodes)
+    assert abs(s8.stat().st_size - path.stat().st_size) < 0.02 * path.stat().st_size
     opt = tmp_path / "s8.opt.onnx"
     _session(s8, optimized=opt)
     kinds = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
