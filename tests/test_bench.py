@@ -169,8 +169,9 @@ def test_deploy_bench_rows_and_targets(tmp_path):
     assert by["tsptq_fast"]["size_bytes"] < 0.4 * by["fp32"]["size_bytes"]
     from export.cpu import s8s8_is_exact
 
-    fast, s8 = by["tsptq_fast"], by["tsptq_fast_s8s8"]  # the same graph, int8 grids stored apart
-    assert s8["size_bytes"] == fast["size_bytes"]
+    # the same values, int8 grids stored apart (u8u8 writes qkv's column blocks apart)
+    fast, s8 = by["tsptq_fast"], by["tsptq_fast_s8s8"]
+    assert abs(s8["size_bytes"] - fast["size_bytes"]) < 0.02 * fast["size_bytes"]
     if s8s8_is_exact():
         assert (s8["top1"], s8["agreement"]) == (fast["top1"], fast["agreement"])
     ops = dict((op, ms) for op, ms, _ in extra["profile"]["tsptq_fast"]["ops"])
