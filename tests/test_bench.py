@@ -153,6 +153,39 @@ def test_text_integer_targets():
     assert all("no integer program: UnsupportedModelError" in n for n, _ in skipped)
 
 
+def test_graphs_bench_times_files_side_by_side(tmp_path, capsys):
+    """bench.graphs: alternated medians of ONNX files of one model, and whether each gives the
+    first file's outputs bit for bit (a copy does; another model does not)."""
+    import json
+    import shutil
+
+    from bench.graphs import main
+    from export import export_onnx
+    from quant import QuantConfig, quantize, save_quantized
+    from quant.zoo.data import digits_data
+    from quant.zoo.models import load_model
+
+    d = digits_data()
+    ckpt = save_quantized(quantize(load_model("digits_vit"), d.calib,
+                                   QuantConfig(setting="integer", calib_size=8)),
+                          tmp_path / "d.safetensors")
+    fast = export_onnx(ckpt, tmp_path / "fast.onnx", form="qdq")
+    shutil.copy(fast, tmp_path / "copy.onnx")
+    other = export_onnx(ckpt, tmp_path / "int.onnx")  # the integer graph: other logits
+    out = tmp_path / "g.json"
+    assert main([str(fast), str(tmp_path / "copy.onnx"), str(other), "--batch", "1", "2",
+                 "--threads", "1", "--size", "32", "--warmup", "0", "--repeats", "2",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["batch"], r["file"][-9:]) for r in rows] == [
+        (b, f) for b in (1, 2) for f in ("fast.onnx", "copy.onnx", "/int.onnx")]
+    assert all(r["latency_ms"] > 0 and r["size_bytes"] > 0 for r in rows)
+    assert [r["identical_to_first"] for r in rows[:3]] == [True, True, False]
+    assert rows[0]["vs_first"] == 1.0
+    assert main([str(fast), str(tmp_path / "missing.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
 def test_deploy_bench_rows_and_targets(tmp_path):
     """bench.deploy on the digits ViT, one timed run each: a row per variant, batch and thread
     count with its latency, size and accuracy; the targets read from those rows."""
