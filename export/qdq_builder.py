@@ -366,20 +366,13 @@ class QdqGraph:
             zs = (z * sc).astype(np.float32)
             outs = []
             for exp, rows, masked in _layout(groups, len(sc)):
-
-                def group(exp=exp, rows=rows, masked=masked) -> str:
-                    if masked:  # every channel, the other groups' left out (value 0)
-                        shift = np.full(len(sc), LEFT_OUT, np.float32)
-                        shift[rows] = zs[rows]
-                        xg = x
-                    else:
-                        xg = self.op("Gather", [x, self.const(rows, hint + "_ch", np.int64)],
-                                     hint + f"_e{exp}", axis=-1)
-                        shift = zs[rows]
-                    xg = self.op("Add", [xg, self.const(shift)])
-                    return self.qdq(xg, float(sc[rows[0]]), -128, hint=hint + f"_e{exp}")
-
-                xg = self.once(("o2sf", x, id(q), exp), group)
+                if masked:  # every channel, the other groups' left out (value 0)
+                    xg, shift = x, np.full(len(sc), LEFT_OUT, np.float32)
+                    shift[rows] = zs[rows]
+                else:
+                    xg, shift = self.gathered(x, rows, hint + f"_e{exp}"), zs[rows]
+                xg = self.o2sf_operand(("o2sf", x, id(q), exp), xg, shift, float(sc[rows[0]]),
+                                       hint + f"_e{exp}")
                 w = self.weight(m.weight, m.weight_q, hint, None if masked else rows, cols)
                 outs.append(self.op("MatMul", [xg, w], hint + "_mm"))
             const = -((z * sc)[:, None] * self.weight_values(m, hint, cols)).sum(0)
@@ -410,23 +403,27 @@ class QdqGraph:
             channels = np.arange(len(sc)) if masked else rows
             inside = np.isin(channels, rows)
             w = self.weight(m.weight, m.weight_q, hint, None if masked else rows, cols)
+            xg = x if masked else self.gathered(x, rows, hint + f"_g{g}")
             for exp in np.unique(e[rows]):
-
-                def operand(g=g, rows=rows, masked=masked, channels=channels, inside=inside,
-                            exp=exp) -> str:
-                    xg = x if masked else self.once(("gather", x, rows.tobytes()), lambda: self.op(
-                        "Gather", [x, self.const(rows, hint + "_ch", np.int64)], hint + f"_g{g}",
-                        axis=-1))
-                    keep = inside & (e[channels] == exp)
-                    shift = np.where(keep, zs[channels], np.float32(LEFT_OUT)).astype(np.float32)
-                    xe = self.op("Add", [xg, self.const(shift)])
-                    return self.qdq(xe, float(q.scale) * 2.0 ** int(exp), -128,
-                                    hint=hint + f"_e{exp}")
-
-                xe = self.once(("o2sf_rows", x, id(q), g, exp), operand)
+                keep = inside & (e[channels] == exp)
+                shift = np.where(keep, zs[channels], np.float32(LEFT_OUT)).astype(np.float32)
+                xe = self.o2sf_operand(("o2sf_rows", x, id(q), g, exp), xg, shift,
+                                       float(q.scale) * 2.0 ** int(exp), hint + f"_e{exp}")
                 outs.append(self.op("MatMul", [xe, w], hint + "_mm"))
         const = -((z * sc)[:, None] * self.weight_values(m, hint, cols)).sum(0)
         return self.total(outs, hint), const
+
+    def gathered(self, x: str, rows: np.ndarray, hint: str) -> str:
+        """Channels ``rows`` of ``x`` (written once per tensor and rows)."""
+        return self.once(("gather", x, rows.tobytes()), lambda: self.op(
+            "Gather", [x, self.const(rows, hint + "_ch", np.int64)], hint, axis=-1))
+
+    def o2sf_operand(self, key: tuple, x: str, shift: np.ndarray, step: float, hint: str) -> str:
+        """One exponent's int8 operand of an O-2SF input: ``x + shift`` (its channels' zero
+        points moved into the input, ``LEFT_OUT`` for the channels it leaves out) on the grid of
+        ``step``, zero point −128; written once per ``key``."""
+        return self.once(key, lambda: self.qdq(self.op("Add", [x, self.const(shift)]), step,
+                                               -128, hint=hint))
 
     def weight_values(self, m, hint: str, cols: slice = slice(None)) -> np.ndarray:
         """(in, out) float64 values of the weight the graph multiplies by (for bias constants)."""
@@ -475,9 +472,10 @@ class QdqGraph:
         if self.shift:
             # u8u8: q, k and v as three products of the one quantized input (qkv's weight in
             # three column blocks: the same int8 sums), each transposed to its heads: no
-            # (N, L, 3C) transpose and split (DeiT-Small's qkv ~10% faster in ONNX Runtime 1.32,
-            # its graph 5%, bit for bit). Not for s8s8: ONNX Runtime then fuses none of the
-            # three into an int8 kernel (an int8 activation read by several MatMuls).
+            # (N, L, 3C) transpose and split. DeiT-Small's qkv section alone ran ~10% faster in
+            # ONNX Runtime 1.32, its whole graph within noise (−2% to +2%), MiniLM's ~4% (bit
+            # for bit). Not for s8s8: ONNX Runtime then fuses none of the three into an int8
+            # kernel (an int8 activation read by several MatMuls).
             q, k, v = (self.op("Transpose", [self.shape(self.linear(
                 m.qkv, x, hint + "_qkv", cols=slice(j * c, (j + 1) * c)), [0, -1, heads, d])],
                 perm=perm) for j, perm in enumerate(([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3])))
