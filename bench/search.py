@@ -59,8 +59,8 @@ def timed_search(ctx: JobContext, space: SearchSpace, budget: Budget, workers: i
         t = time.perf_counter()
         result = strategy(run, **kw)
         secs = time.perf_counter() - t
-        print(f"   (scored ahead {pool.ahead_scored}, of which asked for {pool.ahead_used})",
-              file=sys.stderr)
+        print(f"   (scored ahead {pool.ahead_scored}, of which asked for {pool.ahead_used}; "
+              f"module searches per actor {pool.module_searches()})", file=sys.stderr)
         return result, run, secs
     finally:
         pool.shutdown()

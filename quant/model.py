@@ -133,6 +133,7 @@ class Calibrator:
         # (module, signature) -> its quantizers' calibrated state, for ``incremental`` calls.
         self._done: OrderedDict[tuple[str, tuple], dict[str, dict]] = OrderedDict()
         self._fresh: list[tuple[str, tuple]] = []  # searched here since the last export
+        self.modules_searched = 0  # module calibrations searched (not restored), every call
 
     @staticmethod
     def _signature(m: nn.Module, config: QuantConfig) -> tuple:
@@ -150,13 +151,15 @@ class Calibrator:
         return {"buffers": {k: v.clone() for k, v in q._buffers.items() if v is not None},
                 "chosen_threshold": getattr(q, "chosen_threshold", None)}
 
-    def _remember(self, key: tuple[str, tuple], m: nn.Module) -> None:
+    def _remember(self, key: tuple[str, tuple], m: nn.Module, fresh: bool = True) -> None:
+        """``fresh``: exported to the other workers by the next ``export_calibrations``."""
         state = {a: self._quantizer_state(q) for a, q in m.local_quantizers().items()}
         extras = m.calibration_extras()
         if extras:
             state[self.EXTRAS] = {k: v.clone() for k, v in extras.items()}
         self._keep(key, state)
-        self._fresh = [*self._fresh[-self.MAX_REMEMBERED + 1:], key]  # bounded, if never exported
+        if fresh:  # bounded, if never exported
+            self._fresh = [*self._fresh[-self.MAX_REMEMBERED + 1:], key]
 
     def _keep(self, key: tuple[str, tuple], state: dict[str, dict]) -> None:
         self._done[key] = state
@@ -230,10 +233,18 @@ class Calibrator:
                     skip.add(n)
         resolved = self.adapter.resolve(config)  # its None fields as the family chooses
         calibrate_modules(self.twin, resolved, progress, skip=frozenset(skip))
+        self.modules_searched += len(modules) - len(skip)
         if incremental:
             for n, m in modules:
+                key = (n, signatures[n])
                 if n not in skip:
-                    self._remember((n, signatures[n]), m)
+                    self._remember(key, m)
+                elif key not in self._done:
+                    # Unchanged since a full calibration (a search's workers start from the one
+                    # that built the search space): kept too, or a return to it after a probe
+                    # searched it again (21 of 330 searches in a digits search, both workers at
+                    # once). Not handed on: every worker has it.
+                    self._remember(key, m, fresh=False)
         self._last = signatures
         calibrate_parameters(self.twin, resolved)
         round_float_parameters(self.twin)

@@ -29,10 +29,25 @@ class Objective:
         self.fp_logits = logits_of(model, val_images)
         self.evaluations = 0
 
+        self._calibrated: tuple[str, nn.Module] | None = None
+
     def __call__(self, candidate: Candidate) -> Score:
+        self.calibrate(candidate)
+        return self.measure(candidate)
+
+    def calibrate(self, candidate: Candidate) -> None:
+        """The first half of a score, the module searches: a Ray worker reports them before it
+        measures, so the other workers' next tasks can skip them."""
+        self._calibrated = None
         qmodel = self.calibrator.calibrate(candidate.config(self.base), incremental=True,
                                            copy_model=False)
-        res = compare(self.fp_logits, logits_of(qmodel, self.val_images),
+        self._calibrated = candidate.key, qmodel
+
+    def measure(self, candidate: Candidate) -> Score:
+        """The second half: ``candidate`` must be the one calibrated last (the twin is live)."""
+        if self._calibrated is None or self._calibrated[0] != candidate.key:
+            raise RuntimeError(f"candidate {candidate.key} is not the one calibrated last")
+        res = compare(self.fp_logits, logits_of(self._calibrated[1], self.val_images),
                       self.fp_logits.argmax(-1))
         self.evaluations += 1
         return Score(kl=res.kl, agreement=res.agreement)

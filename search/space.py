@@ -61,6 +61,16 @@ class Candidate:
         """Stable across processes and machines (unlike ``hash``)."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
+    def module_overrides(self) -> set[tuple[str, tuple]]:
+        """(module, its quantizers' overrides) for each module this candidate changes (a
+        quantizer's module: its name less the last part): two candidates that share an entry
+        need that module calibrated alike."""
+        by_module: dict[str, list] = {}
+        for kind, items in (("bits", self.bits), ("pinned", self.pinned)):
+            for name, value in items:
+                by_module.setdefault(name.rpartition(".")[0], []).append((kind, name, value))
+        return {(m, tuple(v)) for m, v in by_module.items()}
+
     def config(self, base: QuantConfig) -> QuantConfig:
         return replace(base, bit_overrides=dict(self.bits),
                        pinned={n: dict(p) for n, p in self.pinned})

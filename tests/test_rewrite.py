@@ -354,6 +354,26 @@ def test_calibrator_incremental_equals_full(tiny_vit, images):
     assert len(searched) == 2  # fc1 at 8 and at 4 bits, each searched once
 
 
+def test_a_return_to_a_full_calibration_is_a_restore(tiny_vit, images):
+    """Modules calibrated by a full call and unchanged since are remembered by the first
+    incremental call: going back to them after a probe searches nothing."""
+    from quant import Calibrator
+
+    base = QuantConfig(**FAST)
+    probe = QuantConfig(bit_overrides={"blocks.1.mlp.fc1.weight_q": 4}, **FAST)
+    cal = Calibrator(tiny_vit, images, base)
+    with torch.no_grad():
+        expected = cal.calibrate(base, copy_model=False)(images)
+        searched = cal.modules_searched
+        cal.calibrate(base, incremental=True, copy_model=False)
+        cal.calibrate(probe, incremental=True, copy_model=False)
+        assert cal.modules_searched == searched + 1  # fc1 at 4 bits
+        assert torch.equal(cal.calibrate(base, incremental=True, copy_model=False)(images),
+                           expected)
+        assert cal.modules_searched == searched + 1
+        assert {name for name, _ in cal.export_calibrations()["items"]} == {"blocks.1.mlp.fc1"}
+
+
 def test_calibrations_shared_between_calibrators(tiny_vit, images):
     """What a search's workers do: one imports the module calibrations another searched and
     skips those searches, with the same result; calibrations of other inputs are refused."""

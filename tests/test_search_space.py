@@ -91,3 +91,17 @@ def test_v2sf_operand_matmul_counts_twice(space):
     assert space.bitops(base) == pytest.approx(expected)
     one = SearchSpace(space.base, {a_q: space.slots[a_q]}, [(a_q, "fp", 10)])
     assert one.bitops(base) == 2 * 10 * bits[a_q] * 32
+
+
+def test_module_overrides_group_a_candidates_changes_by_module():
+    c = Candidate.make({"blocks.0.attn.qkv.weight_q": 4, "blocks.0.attn.qkv.input_q": 6,
+                        "blocks.0.attn.a_q": 5}, {"blocks.0.attn.a_q": {"shift": 2}})
+    assert c.module_overrides() == {
+        ("blocks.0.attn.qkv", (("bits", "blocks.0.attn.qkv.input_q", 6),
+                               ("bits", "blocks.0.attn.qkv.weight_q", 4))),
+        ("blocks.0.attn", (("bits", "blocks.0.attn.a_q", 5),
+                           ("pinned", "blocks.0.attn.a_q", (("shift", 2),))))}
+    same_qkv = Candidate.make({"blocks.0.attn.qkv.weight_q": 4, "blocks.0.attn.qkv.input_q": 6})
+    other_qkv = Candidate.make({"blocks.0.attn.qkv.weight_q": 4})
+    assert c.module_overrides() & same_qkv.module_overrides()
+    assert not c.module_overrides() & other_qkv.module_overrides()

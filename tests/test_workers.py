@@ -9,7 +9,7 @@ import torch
 from conftest import FAST
 
 from quant import Calibrator, QuantConfig
-from search.objective import Objective
+from search.objective import Objective, Score
 from search.space import Candidate, SearchSpace
 from search.strategies import (
     Budget,
@@ -76,6 +76,39 @@ def test_search_result_does_not_depend_on_worker_count(ray_local, job):
     assert keys[0] == keys[1]
     assert scored[0] == scored[1]
     assert ahead[0] == 0 and ahead[1] > 0  # the second worker did score greedy steps ahead
+
+
+def test_a_search_is_handed_on_when_made_not_when_its_score_returns(ray_local, tiny_vit,
+                                                                   images):
+    """A greedy step's scored-ahead candidate takes both of the step's layers: started while
+    the other actor still measures its own candidate, it searches only its other layer."""
+    base = QuantConfig(**FAST)
+    job = JobContext(tiny_vit, Calibrator(tiny_vit, images[:8], base), images[8:], base)
+    pool = EvaluatorPool(job, 2)
+    try:
+        pool.warm_up()
+        first, other = pool._idle[:2]
+        before = pool.module_searches()
+        one = Candidate.make({"blocks.0.attn.qkv.weight_q": 4})
+        both = Candidate.make({"blocks.0.attn.qkv.weight_q": 4, "blocks.1.mlp.fc2.input_q": 4})
+        pool._submit(one)
+        (searched,) = pool._searched
+        # Until it is handed on, a candidate that needs the same search waits for it, others not.
+        assert pool._searching_for(both)
+        assert not pool._searching_for(Candidate.make({"blocks.1.mlp.fc2.input_q": 4}))
+        measured = next(iter(pool._tasks))
+        ray.wait([searched])
+        pool._hand_on(searched)  # what map does as soon as the calibrate half is ready
+        assert not pool._searching_for(both)
+        assert pool._inbox[other] and not pool._inbox[first]
+        pool._submit(both)  # on the other actor
+        assert ray.get(measured) is not None and len(ray.get(list(pool._tasks))) == 2
+        after = pool.module_searches()
+        assert [after[first] - before[first], after[other] - before[other]] == [1, 1]
+        expected = Objective(job.model, job.calibrator, job.val_images, job.base)
+        assert [Score(*ray.get(ref)) for ref in pool._tasks] == [expected(one), expected(both)]
+    finally:
+        pool.shutdown()
 
 
 def test_an_actor_lost_for_good_is_replaced_and_its_task_rescored(ray_local, job):
