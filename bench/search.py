@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import psutil
+import ray
 import torch
 
 from quant import Calibrator, QuantConfig, quantize
@@ -46,21 +49,40 @@ from search.strategies import (
 from workers.evaluator import EvaluatorPool, JobContext, ensure_ray
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other machines (``/proc/stat``; 0 where unreadable)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def timed_search(ctx: JobContext, space: SearchSpace, budget: Budget, workers: int,
                  strategy=greedy_mixed_precision, nodes: list | None = None,
-                 **kw) -> tuple[SearchResult, SearchRun, float]:
-    """``nodes``: gets the number of nodes the actors run on."""
+                 details: list | None = None, **kw) -> tuple[SearchResult, SearchRun, float]:
+    """``nodes``: gets the number of nodes the actors run on; ``details``: the run's module
+    searches per actor, the actors' CPU seconds and the machine's stolen seconds (what tells a
+    slow run on a shared machine from slower code)."""
     pool = EvaluatorPool(ctx, workers)
     try:
         pool.warm_up()  # actors up and warm before the clock starts
         if nodes is not None:
             nodes.append(len(set(pool.nodes())))
+        procs = [psutil.Process(pid) for pid in ray.get([a.ping.remote() for a in pool.actors])]
+        cpu, steal = [sum(p.cpu_times()[:2]) for p in procs], steal_seconds()
         run = SearchRun(space, pool, budget, evaluate_many=pool.map)
         t = time.perf_counter()
         result = strategy(run, **kw)
         secs = time.perf_counter() - t
+        info = {"module_searches": pool.module_searches(),
+                "actor_cpu_s": round(sum(sum(p.cpu_times()[:2]) for p in procs) - sum(cpu), 1),
+                "steal_s": round(steal_seconds() - steal, 1)}
         print(f"   (scored ahead {pool.ahead_scored}, of which asked for {pool.ahead_used}; "
-              f"module searches per actor {pool.module_searches()})", file=sys.stderr)
+              f"module searches per actor {info['module_searches']}, actors' CPU "
+              f"{info['actor_cpu_s']} s, stolen {info['steal_s']} s)", file=sys.stderr)
+        if details is not None:
+            details.append(info)
         return result, run, secs
     finally:
         pool.shutdown()
@@ -109,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     print("1. scaling: the same greedy search with 1 and 2 workers", file=sys.stderr)
     results: dict[int, list[SearchResult]] = {1: [], 2: []}
     seconds: dict[int, list[float]] = {1: [], 2: []}
+    details: dict[int, list[dict]] = {1: [], 2: []}
     for _ in range(args.repeats or 1):
         for workers in (1, 2):
-            res, _, secs = timed_search(ctx, space, budget, workers)
+            res, _, secs = timed_search(ctx, space, budget, workers, details=details[workers])
             results[workers].append(res)
             seconds[workers].append(secs)
             print(f"   {workers} worker(s): {secs:.1f} s, {res.evaluations} candidates",
@@ -121,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     greedy = results[2][0]
     out["scaling"] = {"seconds_1": round(t1, 1), "seconds_2": round(t2, 1),
                       "all_seconds": seconds, "speedup": round(t1 / t2, 2),
+                      "pair_speedups": [round(a / b, 2)
+                                        for a, b in zip(seconds[1], seconds[2], strict=True)],
+                      "details": details,
                       "candidates": greedy.evaluations,
                       "same_result": len({(r.best.key, tuple(q["key"] for q in r.front))
                                           for r in runs}) == 1}

@@ -155,3 +155,17 @@ def test_cancel_stops_the_map(ray_local, job):
     finally:
         pool.shutdown()
     assert torch.is_tensor(job.val_images)
+
+
+def test_search_benchmark_reports_each_runs_searches_and_cpu(ray_local, job):
+    """bench.search's per-run details: what tells a slow run on a shared machine from slower
+    code (the same searches and CPU seconds, more stolen time)."""
+    from bench.search import timed_search
+
+    space = SearchSpace.from_model(job.calibrator.calibrate(job.base), job.val_images)
+    details: list[dict] = []
+    result, _, secs = timed_search(job, space, Budget(6.5, 7.0), 2, details=details)
+    (info,) = details
+    assert len(info["module_searches"]) == 2 and sum(info["module_searches"]) > 0
+    assert 0 < info["actor_cpu_s"] and info["steal_s"] >= 0
+    assert result.evaluations > 0 and secs > 0
