@@ -28,7 +28,6 @@ class Objective:
         self.calibrator, self.val_images, self.base = calibrator, val_images, base
         self.fp_logits = logits_of(model, val_images)
         self.evaluations = 0
-
         self._calibrated: tuple[str, nn.Module] | None = None
 
     def __call__(self, candidate: Candidate) -> Score:
