@@ -115,7 +115,8 @@ def test_a_ray_actor_killed_while_scoring(module):
     def busy_actor() -> tuple[int, str] | None:
         assert not finished(store, job.id), "the search ended before an actor could be killed"
         for pid in descendants(worker.pid):
-            if title(pid).startswith(f"{ACTOR}.score"):
+            # A task's two halves (``calibrate``, then ``measure``) each retitle the process.
+            if title(pid).startswith((f"{ACTOR}.calibrate", f"{ACTOR}.measure")):
                 return pid, title(pid)
         return None
 
