@@ -58,6 +58,16 @@ def steal_seconds() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
+def minor_faults(pid: int) -> int:
+    """Pages process ``pid`` has faulted in without reading from disk (``/proc/PID/stat``; 0
+    where unreadable): each one a page the kernel zeroed for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2:].split()[7])
+
+
 def timed_search(ctx: JobContext, space: SearchSpace, budget: Budget, workers: int,
                  strategy=greedy_mixed_precision, nodes: list | None = None,
                  details: list | None = None, **kw) -> tuple[SearchResult, SearchRun, float]:
@@ -71,16 +81,19 @@ def timed_search(ctx: JobContext, space: SearchSpace, budget: Budget, workers: i
             nodes.append(len(set(pool.nodes())))
         procs = [psutil.Process(pid) for pid in ray.get([a.ping.remote() for a in pool.actors])]
         cpu, steal = [sum(p.cpu_times()[:2]) for p in procs], steal_seconds()
+        faults = sum(minor_faults(p.pid) for p in procs)
         run = SearchRun(space, pool, budget, evaluate_many=pool.map)
         t = time.perf_counter()
         result = strategy(run, **kw)
         secs = time.perf_counter() - t
         info = {"module_searches": pool.module_searches(),
                 "actor_cpu_s": round(sum(sum(p.cpu_times()[:2]) for p in procs) - sum(cpu), 1),
-                "steal_s": round(steal_seconds() - steal, 1)}
+                "steal_s": round(steal_seconds() - steal, 1),
+                "actor_page_faults": sum(minor_faults(p.pid) for p in procs) - faults}
         print(f"   (scored ahead {pool.ahead_scored}, of which asked for {pool.ahead_used}; "
               f"module searches per actor {info['module_searches']}, actors' CPU "
-              f"{info['actor_cpu_s']} s, stolen {info['steal_s']} s)", file=sys.stderr)
+              f"{info['actor_cpu_s']} s, stolen {info['steal_s']} s, pages faulted in "
+              f"{info['actor_page_faults']})", file=sys.stderr)
         if details is not None:
             details.append(info)
         return result, run, secs

@@ -28,6 +28,8 @@ from search.objective import Objective, Score
 from search.space import Candidate
 from search.strategies import SearchCancelled
 
+from .memory import keep_freed_memory
+
 
 @dataclass
 class JobContext:
@@ -45,6 +47,7 @@ class JobContext:
 @ray.remote(max_restarts=2, max_task_retries=0)
 class CandidateEvaluator:
     def __init__(self, context: JobContext, threads: int = 1) -> None:
+        keep_freed_memory()  # a forward pass reuses the last one's pages (``workers.memory``)
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ctx = context
