@@ -32,12 +32,26 @@ SEARCH_KINDS = frozenset({"weight", "linear_input", "qk", "value", "post_softmax
                           "ln_input"})
 
 Objective = Callable[[Candidate], Score]
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """What a strategy will likely ask for next, for idle workers: ``score``, candidates to
+    score ahead (their scores count only once asked for); ``search``, candidates whose module
+    calibrations to make ahead (a calibration depends on its module's widths and pins alone,
+    so it serves every later candidate that changes that module alike). Hints change what is
+    computed when, never a result."""
+
+    score: Sequence[Candidate] = ()
+    search: Sequence[Candidate] = ()
+
+
+NO_PREFETCH = Prefetch()
+
+
 # ``evaluate_many(candidates, done, prefetch)`` scores a batch (a Ray pool) and calls
-# ``done(i, score)`` as each candidate finishes, in whatever order they finish; ``prefetch``:
-# candidates the strategy will likely ask for next, which an idle worker may score ahead (their
-# scores count only once asked for, so hints never change a result).
-EvaluateMany = Callable[[list[Candidate], Callable[[int, Score], None], Sequence[Candidate]],
-                        list[Score]]
+# ``done(i, score)`` as each candidate finishes, in whatever order they finish.
+EvaluateMany = Callable[[list[Candidate], Callable[[int, Score], None], Prefetch], list[Score]]
 
 
 class SearchCancelled(RuntimeError):
@@ -207,11 +221,11 @@ class SearchRun:
                 self.stopped_by = "target"
         return self.stopped_by
 
-    def evaluate(self, candidates: Sequence[Candidate], prefetch: Sequence[Candidate] = ()
+    def evaluate(self, candidates: Sequence[Candidate], prefetch: Prefetch = NO_PREFETCH
                  ) -> list[Score | None]:
         """Scores in order; ``None`` for those left unevaluated because a stop criterion holds
-        (a batch is cut to what ``max_candidates`` still allows). ``prefetch``: the likely next
-        batch, a hint to the pool (see ``EvaluateMany``)."""
+        (a batch is cut to what ``max_candidates`` still allows). ``prefetch``: hints to the
+        pool."""
         if self.stop.max_candidates is not None and self.stop.max_candidates < 1:
             raise ValueError("max_candidates must be at least 1")
         fresh: list[Candidate] = []
@@ -338,31 +352,53 @@ def greedy_mixed_precision(run: SearchRun, widths: tuple[int, ...] = WIDTHS,
     scores = run.evaluate([Candidate.make({n: w}) for n, w in probes])
     sensitivity = {p: s.kl - score.kl for p, s in zip(probes, scores, strict=True)
                    if s is not None}
-    while run.check_stop() is None:
-        over_w, over_a = budget.over(space, cur)
+
+    def ranked(st: dict[str, int]) -> list[tuple[float, str, int]] | None:
+        """The steps from ``st`` (predicted loss per bit saved, slot, next width), best first;
+        None once ``st`` is within the budget."""
+        over_w, over_a = budget.over(space, candidate(st))
         if not (over_w or over_a):
-            break
-        steps = []  # (predicted loss per bit saved, slot, next width)
+            return None
+        steps = []
         for s in slots:
             if (s.kind == "weight" and not over_w) or (s.kind != "weight" and not over_a):
                 continue
-            lower = [w for w in widths if w < state[s.name] and (s.name, w) in sensitivity]
+            lower = [w for w in widths if w < st[s.name] and (s.name, w) in sensitivity]
             if not lower:
                 continue
             nxt = max(lower)
-            gain = sensitivity[s.name, nxt] - sensitivity.get((s.name, state[s.name]), 0.0)
-            steps.append((gain / (s.elements * (state[s.name] - nxt)), s.name, nxt))
+            gain = sensitivity[s.name, nxt] - sensitivity.get((s.name, st[s.name]), 0.0)
+            steps.append((gain / (s.elements * (st[s.name] - nxt)), s.name, nxt))
+        return sorted(steps)
+
+    def likely_next(st: dict[str, int], trials) -> Prefetch:
+        """Whichever trial wins, the others stay among the best predicted steps (their layers'
+        predictions do not change), so the next step almost always measures the state with
+        every trial taken: a worker that finishes its trial early scores that one ahead (146
+        of 147 asked for in a digits search). Beside it the next step measures one more new
+        step, the best predicted from the winner's state; its module search is the same
+        whichever trial wins, so a worker that would wait for the current step's search makes
+        that one meanwhile (the next step then needs no search before its measures)."""
+        if len(trials) < 2:
+            return NO_PREFETCH
+        ahead = candidate({**st, **{name: nxt for name, nxt, _ in trials}})
+        taken = {(name, nxt) for name, nxt, _ in trials}
+        search: dict[tuple[str, int], Candidate] = {}
+        for name, nxt, _ in trials:
+            for _, step, width in (ranked({**st, name: nxt}) or [])[:rescore]:
+                if (step, width) not in taken and (step, width) not in search:
+                    search[step, width] = candidate({**st, step: width})  # that search alone
+        return Prefetch(score=[ahead], search=list(search.values()))
+
+    while run.check_stop() is None:
+        steps = ranked(state)
+        if steps is None:
+            break
         if not steps:
             return run.result(cur, "exhausted")
-        steps.sort()
         trials = [(name, nxt, candidate({**state, name: nxt})) for _, name, nxt in steps[:rescore]]
         run.expect(len(trials))
-        # Whichever trial wins, the others stay among the best predicted steps (their layers'
-        # predictions do not change), so the next step almost always measures the state with
-        # every trial taken: a worker that finishes its trial early scores that one ahead.
-        ahead = candidate({**state, **{name: nxt for name, nxt, _ in trials}})
-        measured = run.evaluate([c for *_, c in trials],
-                                prefetch=[ahead] if len(trials) > 1 else ())
+        measured = run.evaluate([c for *_, c in trials], prefetch=likely_next(state, trials))
         options = []
         for (name, nxt, cand), s in zip(trials, measured, strict=True):
             if s is not None:

@@ -352,6 +352,7 @@ def test_calibrator_incremental_equals_full(tiny_vit, images):
             sb = qb.model.state_dict()
             assert all(torch.equal(v, sb[k]) for k, v in qa.model.state_dict().items())
     assert len(searched) == 2  # fc1 at 8 and at 4 bits, each searched once
+    assert inc.parameter_searches == 1  # the position embedding's and class token's widths
 
 
 def test_a_return_to_a_full_calibration_is_a_restore(tiny_vit, images):

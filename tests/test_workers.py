@@ -14,6 +14,7 @@ from search.space import Candidate, SearchSpace
 from search.strategies import (
     Budget,
     EvolutionSettings,
+    Prefetch,
     SearchCancelled,
     SearchRun,
     evolutionary_search,
@@ -107,6 +108,32 @@ def test_a_search_is_handed_on_when_made_not_when_its_score_returns(ray_local, t
         assert [after[first] - before[first], after[other] - before[other]] == [1, 1]
         expected = Objective(job.model, job.calibrator, job.val_images, job.base)
         assert [Score(*ray.get(ref)) for ref in pool._tasks] == [expected(one), expected(both)]
+    finally:
+        pool.shutdown()
+
+
+def test_an_idle_actor_makes_a_hinted_search_ahead(ray_local, tiny_vit, images):
+    """``Prefetch.search``: an actor with nothing to score makes a hinted candidate's module
+    search (its calibrate half only) and hands it on; a candidate asked for later that
+    changes that module alike searches nothing, on either actor, and scores the same."""
+    base = QuantConfig(**FAST)
+    job = JobContext(tiny_vit, Calibrator(tiny_vit, images[:8], base), images[8:], base)
+    pool = EvaluatorPool(job, 2)
+    try:
+        pool.warm_up()
+        before = sum(pool.module_searches())
+        one = Candidate.make({"blocks.0.attn.qkv.weight_q": 4})
+        hinted = Candidate.make({"blocks.1.mlp.fc2.input_q": 4})
+        later = Candidate.make({"blocks.0.attn.qkv.weight_q": 4, "blocks.1.mlp.fc2.input_q": 4})
+        (score_one,) = pool.map([one], prefetch=Prefetch(search=[hinted]))
+        assert pool.searched_ahead == 1 and pool.ahead_scored == 0
+        (score_later,) = pool.map([later])  # waits for the search ahead if still in flight
+        assert sum(pool.module_searches()) - before == 2  # qkv and fc2, each once
+        # A hint whose searches are made already is dropped, not run.
+        pool.map([one], prefetch=Prefetch(search=[later]))
+        assert pool.searched_ahead == 1
+        expected = Objective(job.model, job.calibrator, job.val_images, job.base)
+        assert [score_one, score_later] == [expected(one), expected(later)]
     finally:
         pool.shutdown()
 

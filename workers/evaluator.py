@@ -26,7 +26,7 @@ from quant import Calibrator, QuantConfig
 from quant.stream import ImageStream
 from search.objective import Objective, Score
 from search.space import Candidate
-from search.strategies import SearchCancelled
+from search.strategies import NO_PREFETCH, Prefetch, SearchCancelled
 
 from .memory import keep_freed_memory
 
@@ -66,20 +66,37 @@ class CandidateEvaluator:
     # searches on while this actor measures, so a task the other actor starts meanwhile (a
     # greedy step's scored-ahead candidate needs both of the step's searches) skips them; handed
     # on only with the whole score, 114 of a 473-candidate search's module searches were made
-    # by both actors (6.7 s of 108 s busy).
-    def calibrate(self, candidate: dict, shared: list[dict] = ()) -> dict:
-        """``shared``: module calibrations the other workers searched since this one's last
-        task; returned: the ones this task searched, for the others."""
-        calibrator = self.objective.calibrator
-        for calibrations in shared:
-            calibrator.import_calibrations(calibrations)
+    # by both actors (6.7 s of 108 s busy). A candidate with nothing left to search is one
+    # ``score`` task.
+    @ray.method(num_returns=2)
+    def calibrate(self, candidate: dict, shared: Sequence = ()) -> tuple[int, dict]:
+        """``shared``: references to the module calibrations the other workers searched since
+        this one's last task; returned: how many this task searched, and those, for the others
+        (the pool hands on their reference and never reads them)."""
+        self._import(shared)
         self.objective.calibrate(Candidate.from_dict(candidate))
-        return calibrator.export_calibrations()
+        searched = self.objective.calibrator.export_calibrations()
+        return len(searched["items"]), searched
 
     def measure(self, candidate: dict) -> tuple[float, float]:
         """The score of the candidate this actor's last ``calibrate`` was given."""
         s = self.objective.measure(Candidate.from_dict(candidate))
         return s.kl, s.agreement
+
+    def score(self, candidate: dict, shared: Sequence = ()) -> tuple[float, float]:
+        """Both halves in one task, for a candidate whose module calibrations are all made
+        (anything it did search goes out with this actor's next ``calibrate``)."""
+        self._import(shared)
+        s = self.objective(Candidate.from_dict(candidate))
+        return s.kl, s.agreement
+
+    def _import(self, shared: Sequence) -> None:
+        for ref in shared:
+            try:
+                calibrations = ray.get(ref)
+            except ray.exceptions.RayError:  # lost with its node: a search made again, no more
+                continue
+            self.objective.calibrator.import_calibrations(calibrations)
 
     def searches(self) -> int:
         """Module calibrations this actor has searched."""
@@ -156,7 +173,9 @@ def disconnect_ray() -> None:
 class _Task:
     candidate: Candidate
     actor: int
-    searched: object  # the ObjectRef of its ``calibrate`` half
+    searched: object  # its ``calibrate`` half's first ObjectRef (how many it searched); or None
+    calibrations: object = None  # its second: what it searched
+    measures: bool = True  # False: a search made ahead, no ``measure`` half
 
 
 class EvaluatorPool:
@@ -169,9 +188,11 @@ class EvaluatorPool:
     A task whose actor (or node) dies goes to the next ready actor; a dead actor is replaced.
     A head that stays unreachable for ``head_grace_s`` raises ``RayUnavailable``.
 
-    ``map(..., prefetch=hints)``: candidates the caller will likely ask for next. An actor with
-    nothing else to do scores one; its score is kept aside and handed out only if a later
-    ``map`` asks for that candidate, so hints change what is computed when, never a result."""
+    ``map(..., prefetch=Prefetch(score, search))``: what the caller will likely ask for next.
+    An actor with nothing else to do scores one of ``score`` (its score is kept aside and
+    handed out only if a later ``map`` asks for that candidate) or, when those would wait for a
+    search in flight, makes the module searches of one of ``search`` (handed on like any
+    other). Hints change what is computed when, never a result."""
 
     MAX_FAILURES = 3  # actor deaths while scoring one candidate before the pool gives up
 
@@ -190,11 +211,16 @@ class EvaluatorPool:
         self._idle: list[int] = []
         self._pings: dict = {}     # ObjectRef → actor index, for actors not yet ready
         self._tasks: dict = {}     # ObjectRef of a ``measure`` → _Task
-        self._searched: dict = {}  # ObjectRef of a ``calibrate`` not yet handed on → actor
+        self._searched: dict = {}  # ObjectRef of a ``calibrate`` not yet handed on → _Task
+        # Module calibrations (``Candidate.module_overrides``) some task's ``calibrate`` half
+        # has made or restored: every actor has them or gets them with its next task.
+        self._known: set = set()
         self._hints: list[Candidate] = []
+        self._search_hints: list[Candidate] = []
         self._aside: dict[str, Score] = {}   # scores of hints no map has asked for yet
         self._failures: dict[str, int] = {}
         self.ahead_scored = self.ahead_used = 0  # hints scored ahead, and later asked for
+        self.searched_ahead = 0  # search hints given to idle actors
         self._spawned = 0
         self._cancel = False
         self._cancelled = cancelled
@@ -209,7 +235,7 @@ class EvaluatorPool:
         # right after. It cut the digits greedy search's module searches with 2 workers from
         # 415 to 372 (301 with one), but its round trips cost each actor ~3.5 s per search
         # (measured with one worker), more than the ~2 s of searches it saved it.
-        self._inbox: list[list[dict]] = []
+        self._inbox: list[list[ray.ObjectRef]] = []
         for _ in range(workers):
             self._spawn()
 
@@ -234,33 +260,64 @@ class EvaluatorPool:
         a = self._idle.pop(0)
         shared, self._inbox[a] = self._inbox[a], []
         actor, candidate = self.actors[a], cand.to_dict()
-        searched = actor.calibrate.remote(candidate, shared)
-        self._searched[searched] = a
-        self._tasks[actor.measure.remote(candidate)] = _Task(cand, a, searched)
+        if cand.module_overrides() <= self._known:  # nothing to search and hand on: one task
+            self._tasks[actor.score.remote(candidate, shared)] = _Task(cand, a, None)
+            return
+        count, searched = actor.calibrate.remote(candidate, shared)
+        task = _Task(cand, a, count, searched)
+        self._searched[count] = task
+        self._tasks[actor.measure.remote(candidate)] = task
+
+    def _search_ahead(self) -> bool:
+        """Give an idle actor the first search hint with a module calibration nobody has made
+        or is making (its ``calibrate`` half only); whether one was given."""
+        in_flight = set().union(*(t.candidate.module_overrides()
+                                  for t in self._searched.values()))
+        while self._search_hints:
+            todo = self._search_hints[0].module_overrides() - self._known
+            if not todo:
+                self._search_hints.pop(0)  # made already
+            elif todo & in_flight:
+                return False  # being made: the next hints may need it too
+            else:
+                cand, a = self._search_hints.pop(0), self._idle.pop(0)
+                shared, self._inbox[a] = self._inbox[a], []
+                count, searched = self.actors[a].calibrate.remote(cand.to_dict(), shared)
+                self._searched[count] = _Task(cand, a, count, searched, measures=False)
+                self.searched_ahead += 1
+                return True
+        return False
 
     def _hand_on(self, ref) -> None:
         """A ``calibrate`` half is done: its searches go to every other actor's next task. An
         actor lost under it is handled by its ``measure`` half, which fails too."""
-        a = self._searched.pop(ref)
+        task = self._searched.pop(ref)
+        a = task.actor
         try:
-            searched = ray.get(ref)
+            count = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            if not task.measures:
+                self._lost(a)
             return
-        if searched["items"]:
+        self._known |= task.candidate.module_overrides()
+        if not task.measures:
+            self._idle.append(a)
+        if count:  # the reference only: the calibrations go from actor to actor
             for other, inbox in enumerate(self._inbox):
                 if other != a:
-                    inbox.append(searched)
+                    inbox.append(task.calibrations)
 
     def _searching_for(self, cand: Candidate) -> bool:
         """Whether a task still in its ``calibrate`` half changes one of ``cand``'s modules as
         ``cand`` does. A greedy step's scored-ahead candidate shares its new layer with the
         step's trial that an actor has just started: started at once, both actors searched it
         (61 of 432 module searches in a digits search, each within 0.25 s of the other); it
-        waits the rest of that search instead. Timing only: a calibration is the same whoever
-        searches it."""
-        mine = cand.module_overrides()
-        return any(mine & t.candidate.module_overrides() for t in self._tasks.values()
-                   if t.searched in self._searched)
+        waits the rest of that search instead. Modules some task has calibrated already do not
+        count: the candidates of one greedy state share all of its earlier steps. Timing only:
+        a calibration is the same whoever searches it."""
+        mine = cand.module_overrides() - self._known
+        return bool(mine) and any(mine & t.candidate.module_overrides()
+                                  for t in self._searched.values())
 
     def _lost(self, a: int) -> None:
         """Actor ``a`` died under a task: probe it (Ray restarts it where a CPU is free); the
@@ -283,7 +340,7 @@ class EvaluatorPool:
 
     def map(self, candidates: Sequence[Candidate],
             done: Callable[[int, Score], None] | None = None,
-            prefetch: Sequence[Candidate] = ()) -> list[Score]:
+            prefetch: Prefetch = NO_PREFETCH) -> list[Score]:
         results: list[Score | None] = [None] * len(candidates)
         where: dict[str, list[int]] = {}
         for i, cand in enumerate(candidates):
@@ -306,7 +363,8 @@ class EvaluatorPool:
             elif key in running:
                 self.ahead_used += 1
         queue = [first[k] for k in where if k in waiting and k not in running]
-        self._hints = [c for c in prefetch if c.key not in where]
+        self._hints = [c for c in prefetch.score if c.key not in where]
+        self._search_hints = list(prefetch.search)
         while waiting:
             if self.cancelled:
                 for ref in [*self._searched, *self._tasks]:
@@ -319,16 +377,19 @@ class EvaluatorPool:
                 if i is None:
                     break
                 self._submit(queue.pop(i))
-            while self._hints and self._idle:
-                hint = self._hints[0]
+            while self._hints and self._idle:  # in order, past those that would wait
                 busy = {t.candidate.key for t in self._tasks.values()}
-                if hint.key in self._aside or hint.key in busy:
-                    self._hints.pop(0)
-                elif self._searching_for(hint):
+                self._hints = [h for h in self._hints
+                               if h.key not in self._aside and h.key not in busy]
+                i = next((i for i, h in enumerate(self._hints) if not self._searching_for(h)),
+                         None)
+                if i is None:
                     break  # ray.wait below returns with that search, handed on
-                else:
-                    self._submit(self._hints.pop(0))
-                    self.ahead_scored += 1
+                self._submit(self._hints.pop(i))
+                self.ahead_scored += 1
+            while self._search_hints and self._idle:
+                if not self._search_ahead():
+                    break
             # A timeout, so that a cancel (and a lost head) is seen while a long candidate runs.
             ready, _ = ray.wait([*self._searched, *self._tasks, *self._pings], num_returns=1,
                                 timeout=0.5)
@@ -390,7 +451,7 @@ class EvaluatorPool:
             ready, _ = ray.wait(list(self._pings), num_returns=1)
             self._answered(ready[0])
         empty = Candidate().to_dict()
-        ray.get([ref for a in self._idle for ref in (self.actors[a].calibrate.remote(empty),
+        ray.get([ref for a in self._idle for ref in (*self.actors[a].calibrate.remote(empty),
                                                       self.actors[a].measure.remote(empty))])
 
     def module_searches(self) -> list[int]:
