@@ -186,10 +186,7 @@ class Calibrator:
         self._params_done.move_to_end(key)
         with torch.no_grad():
             for n, (state, value) in kept.items():
-                for k, v in state["buffers"].items():
-                    setattr(qs[n], k, v.clone())
-                if hasattr(qs[n], "chosen_threshold"):
-                    qs[n].chosen_threshold = state["chosen_threshold"]
+                self._restore_quantizer(qs[n], state)
                 self.twin.get_parameter(n).copy_(value)
 
     def _keep(self, key: tuple[str, tuple], state: dict[str, dict]) -> None:
@@ -219,12 +216,16 @@ class Calibrator:
         for attr, st in state.items():
             if attr == cls.EXTRAS:
                 continue
-            q = getattr(m, attr)
-            for k, v in st["buffers"].items():
-                setattr(q, k, v.clone())
-            if hasattr(q, "chosen_threshold"):
-                q.chosen_threshold = st["chosen_threshold"]
+            cls._restore_quantizer(getattr(m, attr), st)
         m.restore_calibration_extras(state.get(cls.EXTRAS, {}))
+
+    @staticmethod
+    def _restore_quantizer(q: Quantizer, st: dict) -> None:
+        """Put back what ``_quantizer_state`` kept."""
+        for k, v in st["buffers"].items():
+            setattr(q, k, v.clone())
+        if hasattr(q, "chosen_threshold"):
+            q.chosen_threshold = st["chosen_threshold"]
 
     def calibrate(self, config: QuantConfig | None = None, progress: Progress | None = None,
                   copy_model: bool = True, incremental: bool = False) -> QuantizedModel:

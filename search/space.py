@@ -72,11 +72,11 @@ class Candidate:
                 by_module.setdefault(name.rpartition(".")[0], []).append((kind, name, value))
         return frozenset((m, tuple(v)) for m, v in by_module.items())
 
-    def module_overrides(self) -> set[tuple[str, tuple]]:
+    def module_overrides(self) -> frozenset[tuple[str, tuple]]:
         """(module, its quantizers' overrides) for each module this candidate changes (a
         quantizer's module: its name less the last part): two candidates that share an entry
-        need that module calibrated alike."""
-        return set(self._module_overrides)
+        need that module calibrated alike. Computed once (a pool asks for it at every task)."""
+        return self._module_overrides
 
     def config(self, base: QuantConfig) -> QuantConfig:
         return replace(base, bit_overrides=dict(self.bits),

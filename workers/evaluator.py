@@ -263,10 +263,15 @@ class EvaluatorPool:
         if cand.module_overrides() <= self._known:  # nothing to search and hand on: one task
             self._tasks[actor.score.remote(candidate, shared)] = _Task(cand, a, None)
             return
-        count, searched = actor.calibrate.remote(candidate, shared)
-        task = _Task(cand, a, count, searched)
-        self._searched[count] = task
+        task = self._calibrate(a, cand, shared, measures=True)
         self._tasks[actor.measure.remote(candidate)] = task
+
+    def _calibrate(self, a: int, cand: Candidate, shared: list, measures: bool) -> _Task:
+        """Start ``cand``'s ``calibrate`` half on actor ``a``; ``_hand_on`` sees it end."""
+        count, searched = self.actors[a].calibrate.remote(cand.to_dict(), shared)
+        task = _Task(cand, a, count, searched, measures)
+        self._searched[count] = task
+        return task
 
     def _search_ahead(self) -> bool:
         """Give an idle actor the first search hint with a module calibration nobody has made
@@ -280,10 +285,9 @@ class EvaluatorPool:
             elif todo & in_flight:
                 return False  # being made: the next hints may need it too
             else:
-                cand, a = self._search_hints.pop(0), self._idle.pop(0)
+                a = self._idle.pop(0)
                 shared, self._inbox[a] = self._inbox[a], []
-                count, searched = self.actors[a].calibrate.remote(cand.to_dict(), shared)
-                self._searched[count] = _Task(cand, a, count, searched, measures=False)
+                self._calibrate(a, self._search_hints.pop(0), shared, measures=False)
                 self.searched_ahead += 1
                 return True
         return False
