@@ -200,8 +200,25 @@ OPSET = 18  # BitwiseAnd, ReduceMax with axes as an input
 IR_VERSION = 8  # opset 18's: loadable by ONNX Runtime >= 1.14
 
 
+def unused_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Nodes no graph output depends on: work a runtime may still do (ONNX Runtime 1.32 ran
+    DequantizeLinear nodes whose results nothing read)."""
+    needed = {o.name for o in graph.output}
+    unused = []
+    for n in reversed(graph.node):  # nodes are in topological order
+        if any(o in needed for o in n.output):
+            needed.update(n.input)
+        else:
+            unused.append(n.name)
+    return unused
+
+
 def finish_model(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
-    """A checked model of ``graph`` at this package's opset and IR version."""
+    """A checked model of ``graph`` at this package's opset and IR version, every node of which
+    some output needs."""
+    unused = unused_nodes(graph)
+    if unused:  # a builder's bug, not the checkpoint's
+        raise AssertionError(f"nodes no output needs: {unused[:5]}")
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="tsptq", doc_string=doc)
     model.ir_version = IR_VERSION

@@ -218,26 +218,27 @@ class QdqGraph:
         if (k0 << m) + z > 255 or h > 255 or h < k0:
             raise ExportError(f"{hint}: V-2SF grid beyond int8 (bits {q.bits}, m {m}, z {z})")
         b = float(np.float32(big) * np.float32(k0))  # what DequantizeLinear makes of code k0
-        coarse = self.qdq(self.clip(x, b, None, hint + "_cclip"), big, 127 - h, hint=hint + "_c")
+
+        def coarse_from(edge: float) -> str:  # S·min(max(round(x/S), edge/S), h)
+            return self.qdq(self.clip(x, edge, None, hint + "_cclip"), big, 127 - h,
+                            hint=hint + "_c")
+
         floor_free = floor >= -z * s  # the lower clip never bites
+        lo = None if floor_free else -z * s
         if t + 1 == k0 << m:
-            lo = None if floor_free else -z * s
             u = x if lo is None else self.clip(x, lo, None, hint + "_fclip")
-            return [self.qdq(u, s, 127 - (t + 1), hint=hint + "_f"), coarse], b
+            return [self.qdq(u, s, 127 - (t + 1), hint=hint + "_f"), coarse_from(b)], b
         if t == (k0 - 1) << m:  # A = S·(k0 − 1) is a coarse point, τ = A + S/2 its rounding edge
             a = float(np.float32(big) * np.float32(k0 - 1))
-            coarse = self.qdq(self.clip(x, a, None, hint + "_cclip"), big, 127 - h,
-                              hint=hint + "_c")
-            lo = None if floor_free else -z * s
             u = x if lo is None else self.clip(x, lo, None, hint + "_fclip")
-            return [self.qdq(u, s, 127 - t, hint=hint + "_f"), coarse], a
+            return [self.qdq(u, s, 127 - t, hint=hint + "_f"), coarse_from(a)], a
         k = np.float32(2.0 ** 64)
         tau = np.nextafter(np.float32(q._threshold()), np.float32(-np.inf))
-        low = self.clip(x, None if floor_free else -z * s, s * t, hint + "_fclip")
+        low = self.clip(x, lo, s * t, hint + "_fclip")
         step = self.op("Add", [self.op("Mul", [x, self.const(k)]), self.const(-tau * k)])
         step = self.clip(step, 0.0, b - s * t, hint + "_step")
         fine = self.op("Add", [low, step], hint + "_fine")
-        return [self.qdq(fine, s, z - 128, hint=hint + "_f"), coarse], b
+        return [self.qdq(fine, s, z - 128, hint=hint + "_f"), coarse_from(b)], b
 
     def _pow2(self, x: str, q, hint: str) -> str:
         """O-2SF / PTF: per channel, s·2^e_c·(clip(round(x / (s·2^e_c)) + z_c, 0, 2^b − 1) − z_c).

@@ -12,6 +12,7 @@ import pytest
 
 from export import export_onnx, export_qdq
 from export.cpu import s8s8_is_exact
+from export.graph import unused_nodes
 from quant import QuantConfig, quantize, save_quantized
 from quant.checkpoint import CheckpointError
 from quant.integer import IntegerEngine
@@ -50,6 +51,7 @@ def test_qdq_graph_passes_the_full_check(exported):
     _, path, _ = exported
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
+    assert unused_nodes(model.graph) == []
     kinds = collections.Counter(n.op_type for n in model.graph.node)
     assert kinds["QuantizeLinear"] and kinds["DequantizeLinear"] and kinds["MatMul"]
     assert "MatMulInteger" not in kinds  # the fast form, not the integer graph
@@ -200,6 +202,7 @@ def test_v2sf_parts_sum_to_the_fake_quantized_value(bits, scale, shift, zero, of
             n, TensorProto.FLOAT, [None]) for n in ("y", "z")], initializer=g.inits)
     model = finish_model(graph, "v2sf")
     onnx.checker.check_model(model, full_check=True)
+    assert unused_nodes(model.graph) == []
     top = float(q.scale) * ((q._coarse_start(shift, zero) + q.coarse_max) << shift)
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.rand(20000, generator=gen) * (1.3 * top - floor) + floor,
