@@ -57,6 +57,7 @@ ABLATION_COLUMNS = ("w_bits", "a_bits", "top1", "agreement", "kl")
 ABLATIONS = (
     ("tsptq (V-2SF + O-2SF, defaults)", {}),
     ("tsptq, V-2SF coarse grid from zero (the paper; coarse_offset off)", {"coarse_offset": False}),
+    ("tsptq, post-GELU zero point not aligned (the paper's)", {"aligned_gelu_zero": False}),
     ("tsptq + O-2SF on post-LN (qkv, fc1 inputs)", {"post_ln_two_scale": True}),
     ("tsptq + RepQ-ViT reparameterized post-LN", {"post_ln_reparam": True}),
     ("tsptq + class token's own input quantizers", {"first_token_scale": True}),

@@ -60,7 +60,8 @@ class QuantizerFactory:
             q = Log2Quantizer(bits, 16 if cfg.setting == "integer" else 30)
         elif kind == "post_gelu" and method == "tsptq":
             q = TwoScaleValueQuantizer(bits, region_rule="value", signed=True,
-                                       coarse_offset=cfg.coarse_offset)
+                                       coarse_offset=cfg.coarse_offset,
+                                       aligned_zero=cfg.aligned_gelu_zero)
         elif kind == "post_gelu" and method == "twin":
             q = TwoScaleValueQuantizer(bits, region_rule="sign", signed=True)
         elif (kind == "linear_input" and post_ln and method == "tsptq"

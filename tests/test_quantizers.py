@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -371,6 +373,46 @@ def test_v2sf_coarse_offset_uses_every_code():
         overlap = bool(torch.isin(coarse, fine).any())
         assert overlap is expect_overlap
         assert (coarse.diff() > 0).all() and int(coarse.min()) > int(fine.max()) or not offset
+
+
+@PROPS
+@given(scale=st.floats(1e-3, 0.2), x_min=st.floats(-0.17, -1e-4), shift=st.integers(0, 7),
+       share=st.sampled_from([0.5, 0.25, 0.75]))
+def test_v2sf_aligned_gelu_zero_meets_the_coarse_grid(scale, x_min, shift, share):
+    """``aligned_zero`` at 8 bits: the fine top t = F − 1 − z lands on t ≡ 0 or −1 (mod 2^m)
+    (unless half the fine codes would not do), the zero point only raised (the negative tail
+    keeps its codes), by less than 2^m. Below 8 bits, and off, it is the paper's."""
+    plain = TwoScaleValueQuantizer(8, "value", signed=True)
+    plain.set_fine_share(share)
+    z0 = plain._zero_for(scale, x_min, shift)
+    for bits, aligned in ((8, True), (6, True), (8, False)):
+        q = TwoScaleValueQuantizer(bits, "value", signed=True, aligned_zero=aligned)
+        q.set_fine_share(share)
+        z = q._zero_for(scale, x_min, shift)
+        if bits < 8 or not aligned:
+            assert z == min(math.ceil(-x_min / scale - 1e-6), (q.payload_max + 1) // 2)
+            continue
+        assert z0 <= z < z0 + (1 << shift) and z <= (q.payload_max + 1) // 2
+        step = 1 << shift
+        reachable = any((q.payload_max - y) % step in (0, step - 1)
+                        for y in range(z0, (q.payload_max + 1) // 2 + 1))
+        assert ((q.payload_max - z) % step in (0, step - 1)) == reachable or z == z0
+
+
+@PROPS
+@given(seed=seeds, spread=st.floats(0.1, 8.0))
+def test_v2sf_aligned_gelu_zero_calibrates_aligned(seed, spread):
+    """The calibrated 8-bit post-GELU quantizer keeps every V-2SF property with its aligned
+    zero point (the default of ``QuantConfig.aligned_gelu_zero``)."""
+    x = v2sf_data(True, gen(seed), spread)
+    q = TwoScaleValueQuantizer(8, "value", signed=True, aligned_zero=True)
+    q.calibrate(x, mse(x), POINTS)
+    step = 1 << int(q.shift)
+    t = q.payload_max - int(q.zero_point)
+    most = int(q.zero_point) == (q.payload_max + 1) // 2  # half the fine codes: the cap
+    assert t % step in (0, step - 1) or most
+    assert -int(q.zero_point) * float(q.scale) <= float(x.min()) + 1e-6 or most  # tail kept
+    check_v2sf(q, x, gen(seed))
 
 
 # --------------------------------------------------------------------------- the search's path
