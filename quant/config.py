@@ -99,7 +99,7 @@ class QuantConfig:
     # validation agreement gives to it, not switched while the fast ONNX graph with it is not
     # padding-invariant, tests/test_export_onnx.py).
     coarse_offset: bool | None = None
-    # V-2SF's post-GELU zero point raised (by at most 2^(m−1) codes, at 8 bits) so that the fine
+    # V-2SF's post-GELU zero point raised (by at most 2^m − 2 codes, at 8 bits) so that the fine
     # top meets the coarse grid: the fast ONNX graph's fine operand then needs no pass (see
     # TwoScaleValueQuantizer; validation ties, the speed decides). Off: the paper's zero point.
     aligned_gelu_zero: bool = True

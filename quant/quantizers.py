@@ -368,7 +368,7 @@ class TwoScaleValueQuantizer(Quantizer):
     uniform keeps both grids starting at zero.
 
     ``aligned_zero`` (an option beyond the paper, on by default): at 8 bits, a post-GELU fine
-    zero point z is raised by the fewest codes (at most 2^(m−1)) that put the fine top
+    zero point z is raised by the fewest codes (at most 2^m − 2) that put the fine top
     t = F − 1 − z on t ≡ 0 or −1 (mod 2^m). The fine grid then ends on, or next to, a coarse
     point, and the fast ONNX graph writes the fine operand in no pass instead of five (a step at
     τ: ``export.qdq_builder.QdqGraph._v2sf``). The negative tail keeps its codes: z only grows.
